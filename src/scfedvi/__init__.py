@@ -1,0 +1,34 @@
+"""scfedvi: single-cell federated variational inference (scFedVI).
+
+An scVI model trained by federated averaging across sites that cannot share their data.
+The import is kept light: heavy parts (torch models, Flower, scvi-tools) load on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ScFedVI": "scfedvi.model",
+    "ModelConfig": "scfedvi.config",
+    "TrainConfig": "scfedvi.config",
+    "FederationConfig": "scfedvi.config",
+    "PrivacyConfig": "scfedvi.config",
+    "FederationSchema": "scfedvi.data.schema",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, TrainConfig
+    from scfedvi.data.schema import FederationSchema
+    from scfedvi.model import ScFedVI
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scfedvi' has no attribute {name!r}")

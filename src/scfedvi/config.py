@@ -1,0 +1,191 @@
+"""Typed, frozen configuration: one object per concern, printed in every report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Likelihood = Literal["zinb", "nb", "poisson"]
+Dispersion = Literal["gene", "gene-batch"]
+Norm = Literal["batch", "layer", "none"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The scVI architecture (scvi-tools' ``SCVI`` defaults).
+
+    Parameters
+    ----------
+    n_hidden, n_latent, n_layers, dropout_rate
+        Width, latent size, hidden layers and encoder dropout.
+    likelihood
+        ``"zinb"`` (default), ``"nb"`` or ``"poisson"``.
+    dispersion
+        ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"``.
+    norm
+        Normalization after each hidden linear layer: ``"batch"`` (BatchNorm, scVI's default),
+        ``"layer"`` (LayerNorm without affine, as scvi-tools) or ``"none"``.
+    encode_covariates
+        Also feed the batch one-hot to the encoder.
+    """
+
+    n_hidden: int = 128
+    n_latent: int = 10
+    n_layers: int = 1
+    dropout_rate: float = 0.1
+    likelihood: Likelihood = "zinb"
+    dispersion: Dispersion = "gene"
+    norm: Norm = "batch"
+    encode_covariates: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("likelihood", self.likelihood, ("zinb", "nb", "poisson"))
+        _check_choice("dispersion", self.dispersion, ("gene", "gene-batch"))
+        _check_choice("norm", self.norm, ("batch", "layer", "none"))
+        for name in ("n_hidden", "n_latent", "n_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at a site (scvi-tools' optimizer settings by default).
+
+    Parameters
+    ----------
+    local_epochs
+        Passes over the site's cells per round (ignored when ``local_steps`` is set).
+    local_steps
+        Fixed number of minibatch steps per round instead of epochs.
+    n_epochs_kl_warmup
+        KL warm-up length in *global* epochs (the federation's epoch count, not restarted
+        each round).
+    optimizer_state
+        What happens to Adam's moments between rounds: ``"reset"`` (fresh each round) or
+        ``"keep"`` (the site keeps its own moments; they never leave the site).
+    proximal_mu
+        FedProx coefficient (0 disables it).
+    scaffold
+        Use SCAFFOLD control variates for client-drift correction.
+    """
+
+    batch_size: int = 128
+    lr: float = 1e-3
+    eps: float = 0.01
+    weight_decay: float = 1e-6
+    local_epochs: int = 1
+    local_steps: int | None = None
+    n_epochs_kl_warmup: int = 400
+    optimizer_state: Literal["reset", "keep"] = "keep"
+    proximal_mu: float = 0.0
+    scaffold: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(f"TrainConfig.batch_size must be >= 2, got {self.batch_size}")
+        if self.local_epochs < 1:
+            raise ValueError(f"TrainConfig.local_epochs must be >= 1, got {self.local_epochs}")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ValueError(f"TrainConfig.local_steps must be >= 1, got {self.local_steps}")
+        _check_choice("optimizer_state", self.optimizer_state, ("reset", "keep"))
+        if self.proximal_mu < 0:
+            raise ValueError(f"TrainConfig.proximal_mu must be >= 0, got {self.proximal_mu}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The round loop and the server's aggregation.
+
+    Parameters
+    ----------
+    n_rounds
+        Communication rounds.
+    norm_stats
+        Whose statistics BatchNorm uses: ``"local"`` (each site keeps its own running
+        statistics; they never leave it) or ``"averaged"`` (FedAvg over the statistics too,
+        the paper's plain FedAvg).
+    batch_owned
+        Average the parameters tied to one batch only over the sites that hold that batch.
+    server_optimizer
+        ``"fedavg"`` (replace by the average), ``"fedavgm"`` (server momentum) or ``"fedadam"``.
+    server_lr, server_momentum
+        Server step size and momentum (``fedavgm``/``fedadam``).
+    min_sites
+        Fewest site updates that make a valid round.
+    seed
+        Seed of the whole run (initialization, minibatch order, dropout).
+    """
+
+    n_rounds: int = 40
+    norm_stats: Literal["local", "averaged"] = "local"
+    batch_owned: bool = True
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    min_sites: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_rounds < 1:
+            raise ValueError(f"FederationConfig.n_rounds must be >= 1, got {self.n_rounds}")
+        _check_choice("norm_stats", self.norm_stats, ("local", "averaged"))
+        _check_choice("server_optimizer", self.server_optimizer, ("fedavg", "fedavgm", "fedadam"))
+        if self.min_sites < 1:
+            raise ValueError(f"FederationConfig.min_sites must be >= 1, got {self.min_sites}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy (clip each site's update, add Gaussian noise).
+
+    Parameters
+    ----------
+    clip_norm
+        L2 bound on a site's update; ``None`` disables DP.
+    noise_multiplier
+        Standard deviation of the noise over ``clip_norm``.
+    delta
+        The delta of the (epsilon, delta) guarantee the accountant reports.
+    """
+
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip_norm is not None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a federated run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return cls(
+            model=ModelConfig(**d.get("model", {})),
+            train=TrainConfig(**d.get("train", {})),
+            federation=FederationConfig(**d.get("federation", {})),
+            privacy=PrivacyConfig(**d.get("privacy", {})),
+        )
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
