@@ -1,0 +1,365 @@
+"""Federated harmonization: the gene universe, per-site summaries, and the schema.
+
+The protocol (each step sends only per-gene or per-batch aggregates):
+
+1. each site sends :func:`site_genes`; the coordinator computes :func:`gene_universe`;
+2. each site sends :func:`site_summary` over the universe: per batch, the cell count and
+   per-gene sums, sums of squares, loess fit and clipped sums (scanpy's seurat_v3 terms);
+3. only when a batch is held by several sites: the coordinator sends
+   :func:`batch_clip_values` (from the pooled per-gene moments) and those sites recompute
+   their summary with ``clip_values=``;
+4. the coordinator calls :func:`build_schema`, which reproduces
+   ``scanpy.pp.highly_variable_genes(pooled, flavor="seurat_v3", batch_key=...)``.
+
+:func:`harmonize` runs the whole protocol in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from scfedvi.data import _hvg
+from scfedvi.data.errors import SchemaMismatchError, SiteDataError, site_prefix
+from scfedvi.data.schema import FederationSchema, align_genes
+from scfedvi.data.validate import check_obs_column, check_unique_genes, get_counts
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: Per-gene vectors of one batch in a :class:`SiteSummary`.
+BATCH_FIELDS = ("sum", "sum_sq", "reg_std", "clip", "clipped_sum", "clipped_sum_sq")
+
+
+@dataclass
+class SiteSummary:
+    """What a site sends for gene selection: per-batch, per-gene aggregates only.
+
+    Parameters
+    ----------
+    site
+        Site name.
+    genes
+        The gene universe the statistics refer to (columns of every vector).
+    batch_counts
+        Number of cells per batch at this site.
+    stats
+        ``stats[batch][name]`` for ``name`` in :data:`BATCH_FIELDS`: float64 vectors over
+        ``genes``. ``reg_std`` and ``clip`` come from the loess fit on this site's cells of the
+        batch, or from the coordinator's ``clip_values`` when the batch spans sites.
+    labels
+        Label categories seen at the site (sorted), when a label key was given.
+    """
+
+    site: str
+    genes: tuple[str, ...]
+    batch_counts: dict[str, int]
+    stats: dict[str, dict[str, np.ndarray]] = field(repr=False)
+    labels: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return JSON-able builtins only (lists, ints, floats, strings)."""
+        return {
+            "site": self.site,
+            "genes": list(self.genes),
+            "batch_counts": {b: int(n) for b, n in self.batch_counts.items()},
+            "stats": {
+                b: {k: np.asarray(v, dtype=np.float64).tolist() for k, v in s.items()}
+                for b, s in self.stats.items()
+            },
+            "labels": None if self.labels is None else list(self.labels),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SiteSummary:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            site=str(d["site"]),
+            genes=tuple(d["genes"]),
+            batch_counts={str(b): int(n) for b, n in d["batch_counts"].items()},
+            stats={
+                b: {k: np.asarray(v, dtype=np.float64) for k, v in s.items()}
+                for b, s in d["stats"].items()
+            },
+            labels=None if d.get("labels") is None else tuple(d["labels"]),
+        )
+
+
+def site_genes(adata: AnnData, *, site: str | None = None) -> tuple[str, ...]:
+    """Phase 1 at a site: the gene names it measured (unique, in its own order)."""
+    check_unique_genes(adata, site=site)
+    return tuple(str(g) for g in adata.var_names)
+
+
+def gene_universe(
+    gene_lists: Sequence[Sequence[str]], min_sites: int | None = None
+) -> tuple[str, ...]:
+    """Coordinator: the genes every model will use, before gene selection.
+
+    Parameters
+    ----------
+    gene_lists
+        Each site's genes (from :func:`site_genes`), in site order.
+    min_sites
+        Keep genes measured at ``>= min_sites`` sites (zero-filled elsewhere); ``None``
+        keeps genes measured at every site (the intersection).
+
+    Returns
+    -------
+    The genes in order of first appearance: the first site's order, then genes new at the
+    second site in its order, and so on. For the intersection this is the first site's order.
+    """
+    if not gene_lists:
+        raise ValueError("gene_universe: no site gene lists given")
+    need = len(gene_lists) if min_sites is None else int(min_sites)
+    if not 1 <= need <= len(gene_lists):
+        raise ValueError(f"gene_universe: min_sites={min_sites} must be in 1..{len(gene_lists)}")
+    counts: dict[str, int] = {}
+    for genes in gene_lists:
+        for g in dict.fromkeys(str(g) for g in genes):
+            counts[g] = counts.get(g, 0) + 1
+    universe = tuple(g for g, c in counts.items() if c >= need)
+    if not universe:
+        raise ValueError(
+            f"gene_universe: no gene is measured at {need} of {len(gene_lists)} sites; check "
+            "that sites use the same gene identifiers, or lower min_sites"
+        )
+    return universe
+
+
+def site_summary(
+    adata: AnnData,
+    *,
+    site: str,
+    batch_key: str,
+    genes: Sequence[str] | None = None,
+    layer: str | None = None,
+    label_key: str | None = None,
+    clip_values: Mapping[str, Sequence[float]] | None = None,
+    span: float = _hvg.LOESS_SPAN,
+) -> SiteSummary:
+    """Phase 2 at a site: per-batch, per-gene statistics for seurat_v3 gene selection.
+
+    Parameters
+    ----------
+    adata
+        The site's data with raw counts.
+    site
+        Site name.
+    batch_key
+        Column of ``obs`` with the batch.
+    genes
+        The gene universe (:func:`gene_universe`); genes the site lacks count as zero.
+        ``None`` uses the site's own genes (only right when every site has the same genes).
+    layer
+        Layer with raw counts (``None``: ``X``).
+    label_key
+        Optional label column; its categories are reported (no counts).
+    clip_values
+        Per batch, the clip values sent by the coordinator (:func:`batch_clip_values`) for
+        batches held by several sites; other batches are fitted locally.
+    span
+        Loess span (scanpy's default 0.3).
+    """
+    p = site_prefix(site)
+    genes = site_genes(adata, site=site) if genes is None else tuple(genes)
+    check_obs_column(adata, batch_key, site=site, role="batch_key")
+    x = align_genes(get_counts(adata, layer, site=site), adata.var_names, genes, np.float64)
+    batches = adata.obs[batch_key].astype(str).to_numpy()
+    counts: dict[str, int] = {}
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    for b in np.unique(batches):
+        xb = x[batches == b]
+        n, sums, sums_sq = _hvg.moments(xb)
+        if n < 2:
+            raise SiteDataError(
+                f"{p}obs[{batch_key!r}] value {b!r} has {n} cell; gene selection needs at "
+                "least 2 cells per batch: merge this batch into another or drop the cell"
+            )
+        _, reg_std, clip = _hvg.loess_fit(n, sums, sums_sq, span)
+        if clip_values is not None and b in clip_values:  # batch spans sites: pooled fit
+            clip = np.asarray(clip_values[b], dtype=np.float64)
+        s1, s2 = _hvg.clipped_sums(xb, clip)
+        counts[str(b)] = n
+        stats[str(b)] = dict(zip(BATCH_FIELDS, (sums, sums_sq, reg_std, clip, s1, s2), strict=True))
+    labels = None
+    if label_key is not None:
+        check_obs_column(adata, label_key, site=site, role="label_key")
+        labels = tuple(sorted(adata.obs[label_key].astype(str).unique()))
+    return SiteSummary(site, genes, counts, stats, labels)
+
+
+def shared_batches(summaries: Sequence[SiteSummary]) -> dict[str, list[str]]:
+    """Return ``{batch: [sites]}`` for the batches held by more than one site."""
+    holders: dict[str, list[str]] = {}
+    for s in summaries:
+        for b in s.batch_counts:
+            holders.setdefault(b, []).append(s.site)
+    return {b: sites for b, sites in sorted(holders.items()) if len(sites) > 1}
+
+
+def _pooled(summaries: Sequence[SiteSummary], batch: str) -> tuple[int, np.ndarray, np.ndarray]:
+    parts = [s for s in summaries if batch in s.batch_counts]
+    n = sum(s.batch_counts[batch] for s in parts)
+    sums = np.sum([s.stats[batch]["sum"] for s in parts], axis=0)
+    sums_sq = np.sum([s.stats[batch]["sum_sq"] for s in parts], axis=0)
+    return n, sums, sums_sq
+
+
+def batch_clip_values(
+    summaries: Sequence[SiteSummary], *, span: float = _hvg.LOESS_SPAN
+) -> dict[str, list[float]]:
+    """Coordinator, phase 3: clip values of every batch held by several sites.
+
+    They come from the loess fit on the pooled per-gene moments, exactly as scanpy fits the
+    pooled batch; send them back to those sites' :func:`site_summary` (``clip_values=``).
+    """
+    out = {}
+    for b in shared_batches(summaries):
+        out[b] = _hvg.loess_fit(*_pooled(summaries, b), span)[2].tolist()
+    return out
+
+
+def _check_genes(summaries: Sequence[SiteSummary]) -> tuple[str, ...]:
+    if not summaries:
+        raise ValueError("build_schema: no site summaries given")
+    genes = summaries[0].genes
+    for s in summaries[1:]:
+        if s.genes != genes:
+            raise SchemaMismatchError(
+                f"site {s.site!r}: summary genes differ from site {summaries[0].site!r}'s; "
+                "compute every site_summary with genes=gene_universe(...)"
+            )
+    return genes
+
+
+def hvg_table(
+    summaries: Sequence[SiteSummary], *, n_top_genes: int, span: float = _hvg.LOESS_SPAN
+) -> pd.DataFrame:
+    """Coordinator: scanpy's seurat_v3 table (``means``, ``variances``, ``variances_norm``,
+    ``highly_variable_rank``, ``highly_variable_nbatches``, ``highly_variable``), from
+    summaries only, indexed by the universe genes in universe order."""
+    genes = _check_genes(summaries)
+    shared = shared_batches(summaries)
+    batches = sorted({b for s in summaries for b in s.batch_counts})
+    norm_vars = []
+    for b in batches:
+        n, sums, sums_sq = _pooled(summaries, b)
+        parts = [s for s in summaries if b in s.batch_counts]
+        if b in shared:
+            mean, reg_std, clip = _hvg.loess_fit(n, sums, sums_sq, span)
+            stale = [s.site for s in parts if not np.array_equal(s.stats[b]["clip"], clip)]
+            if stale:
+                raise SchemaMismatchError(
+                    f"site {stale[0]!r}: batch {b!r} is held by sites {shared[b]} but the "
+                    "summary was not computed with the pooled clip values; send "
+                    "batch_clip_values(summaries) to those sites and recompute site_summary("
+                    "..., clip_values=...) (harmonize() does this)"
+                )
+        else:
+            mean, reg_std = _hvg.mean_var(n, sums, sums_sq)[0], parts[0].stats[b]["reg_std"]
+        s1 = np.sum([s.stats[b]["clipped_sum"] for s in parts], axis=0)
+        s2 = np.sum([s.stats[b]["clipped_sum_sq"] for s in parts], axis=0)
+        norm_vars.append(_hvg.normalized_variance(n, mean, reg_std, s1, s2))
+    df = _hvg.rank_genes(np.vstack(norm_vars), genes, n_top_genes)
+    n_all = sum(s.batch_counts[b] for s in summaries for b in s.batch_counts)
+    tot_sum = np.sum([st["sum"] for s in summaries for st in s.stats.values()], axis=0)
+    tot_sq = np.sum([st["sum_sq"] for s in summaries for st in s.stats.values()], axis=0)
+    means, variances = _hvg.mean_var(n_all, tot_sum, tot_sq)
+    df.insert(0, "means", means)
+    df.insert(1, "variances", variances)
+    return df
+
+
+def build_schema(
+    summaries: Sequence[SiteSummary],
+    *,
+    batch_key: str,
+    n_top_genes: int | None = 2000,
+    label_key: str | None = None,
+    labels: Sequence[str] | None = None,
+    layer: str | None = None,
+    span: float = _hvg.LOESS_SPAN,
+) -> FederationSchema:
+    """Coordinator: the federation schema from the sites' summaries.
+
+    Parameters
+    ----------
+    summaries
+        One :class:`SiteSummary` per site, over the same gene universe.
+    batch_key
+        Column of ``obs`` with the batch.
+    n_top_genes
+        Number of highly variable genes (scanpy's seurat_v3 with ``batch_key``); ``None`` or
+        at least the universe size keeps every universe gene.
+    label_key
+        Label column; with ``labels=None`` the labels are the sorted union of the sites'.
+    labels
+        Label categories, in the order to use.
+    layer
+        Layer with raw counts at the sites.
+    span
+        Loess span.
+
+    Returns
+    -------
+    A :class:`FederationSchema` whose genes are the selected genes **in universe order** (not
+    in rank order) and whose batches are the sorted union of the sites' batches.
+    """
+    genes = _check_genes(summaries)
+    if n_top_genes is not None and n_top_genes < len(genes):
+        table = hvg_table(summaries, n_top_genes=n_top_genes, span=span)
+        genes = tuple(table.index[table["highly_variable"].to_numpy()])
+    batches = tuple(sorted({b for s in summaries for b in s.batch_counts}))
+    if label_key is not None and labels is None:
+        seen = [s.labels for s in summaries if s.labels is not None]
+        labels = tuple(sorted(set().union(*seen))) if seen else None
+    return FederationSchema(
+        genes=genes,
+        batches=batches,
+        batch_key=batch_key,
+        labels=None if labels is None else tuple(labels),
+        label_key=label_key,
+        layer=layer,
+    )
+
+
+def harmonize(
+    sites: Mapping[str, AnnData],
+    *,
+    batch_key: str,
+    n_top_genes: int | None = 2000,
+    min_sites: int | None = None,
+    label_key: str | None = None,
+    labels: Sequence[str] | None = None,
+    layer: str | None = None,
+) -> FederationSchema:
+    """Run the harmonization protocol in one process over ``{site: AnnData}``.
+
+    Each site's data is read only by the site-side functions; the coordinator side sees the
+    summaries only. Parameters are those of :func:`gene_universe`, :func:`site_summary` and
+    :func:`build_schema`.
+    """
+    universe = gene_universe([site_genes(a, site=s) for s, a in sites.items()], min_sites)
+    kw: dict[str, Any] = {"batch_key": batch_key, "genes": universe, "layer": layer}
+    summaries = [site_summary(a, site=s, label_key=label_key, **kw) for s, a in sites.items()]
+    clips = batch_clip_values(summaries)
+    if clips:
+        summaries = [
+            site_summary(sites[s.site], site=s.site, label_key=label_key, clip_values=clips, **kw)
+            if set(s.batch_counts) & set(clips)
+            else s
+            for s in summaries
+        ]
+    return build_schema(
+        summaries,
+        batch_key=batch_key,
+        n_top_genes=n_top_genes,
+        label_key=label_key,
+        labels=labels,
+        layer=layer,
+    )

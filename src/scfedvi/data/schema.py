@@ -1,0 +1,347 @@
+"""The federation schema (genes, batches, labels) and the projection of a site onto it.
+
+The schema is fixed before round 1 and hashed; every message carries the hash. A site's data
+is projected onto it by :func:`project`: genes reordered into the schema order (missing
+genes zero-filled), batches and labels turned into the schema's categories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from scfedvi.data.errors import SchemaMismatchError, SiteDataWarning, site_prefix
+from scfedvi.data.validate import (
+    cell_totals,
+    check_count_values,
+    check_min_cells,
+    check_obs_column,
+    check_unique_genes,
+    get_counts,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+#: Version of the JSON layout written by :meth:`FederationSchema.to_json`.
+SCHEMA_VERSION = 1
+
+
+def _str_tuple(values: Any, what: str) -> tuple[str, ...]:
+    out = tuple(str(v) for v in values)
+    if not out:
+        raise ValueError(f"FederationSchema: {what} is empty; give at least one")
+    dup = pd.Index(out)[pd.Index(out).duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(f"FederationSchema: {what} has duplicates {dup[:5]}; make them unique")
+    return out
+
+
+def _examples(values: Any, k: int = 5) -> str:
+    values = list(values)
+    more = f", ... ({len(values)} in all)" if len(values) > k else ""
+    return ", ".join(repr(v) for v in values[:k]) + more
+
+
+@dataclass(frozen=True)
+class FederationSchema:
+    """What every site agrees on before training: genes, batches and labels, in order.
+
+    Parameters
+    ----------
+    genes
+        Gene names, in the order of the model's input and output columns.
+    batches
+        Global batch categories; a cell's batch index is its position here.
+    batch_key
+        Column of ``obs`` holding the batch at every site.
+    labels
+        Optional label categories (e.g. cell types).
+    label_key
+        Column of ``obs`` holding the labels (required when ``labels`` is given).
+    layer
+        Layer holding raw counts at the sites (``None``: ``X``).
+    """
+
+    genes: tuple[str, ...]
+    batches: tuple[str, ...]
+    batch_key: str
+    labels: tuple[str, ...] | None = None
+    label_key: str | None = None
+    layer: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "genes", _str_tuple(self.genes, "genes"))
+        object.__setattr__(self, "batches", _str_tuple(self.batches, "batches"))
+        if self.labels is not None:
+            object.__setattr__(self, "labels", _str_tuple(self.labels, "labels"))
+            if self.label_key is None:
+                raise ValueError("FederationSchema: labels given without label_key; pass both")
+        if not self.batch_key:
+            raise ValueError("FederationSchema: batch_key is empty; name the obs column")
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes."""
+        return len(self.genes)
+
+    @property
+    def n_batches(self) -> int:
+        """Number of batch categories."""
+        return len(self.batches)
+
+    @property
+    def n_labels(self) -> int:
+        """Number of label categories (0 without labels)."""
+        return 0 if self.labels is None else len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the schema as JSON-able builtins (lists, strings)."""
+        return {
+            "version": SCHEMA_VERSION,
+            "genes": list(self.genes),
+            "batches": list(self.batches),
+            "batch_key": self.batch_key,
+            "labels": None if self.labels is None else list(self.labels),
+            "label_key": self.label_key,
+            "layer": self.layer,
+        }
+
+    def to_json(self) -> str:
+        """Return the canonical JSON (sorted keys, no spaces) that :attr:`hash` digests."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationSchema:
+        """Parse a schema written by :meth:`to_json` or :meth:`save`."""
+        d = json.loads(text)
+        version = d.pop("version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"FederationSchema: unsupported version {version}; expected 1")
+        labels = d.pop("labels", None)
+        return cls(
+            genes=tuple(d.pop("genes")),
+            batches=tuple(d.pop("batches")),
+            labels=None if labels is None else tuple(labels),
+            **d,
+        )
+
+    @cached_property
+    def hash(self) -> str:
+        """sha256 hex digest of :meth:`to_json`."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    @property
+    def short_hash(self) -> str:
+        """First 16 hex characters of :attr:`hash`."""
+        return self.hash[:16]
+
+    def save(self, path: str | Path) -> None:
+        """Write the canonical JSON to ``path``."""
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FederationSchema:
+        """Read a schema written by :meth:`save`."""
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's cells projected onto the schema: what local training consumes.
+
+    Parameters
+    ----------
+    site
+        Site name.
+    X
+        Counts, float32 CSR, cells x schema genes in schema order.
+    batch_index
+        int64 index of each cell's batch in ``schema.batches``.
+    labels
+        Label of each cell (object array of str), or ``None`` when the site has no labels.
+    obs_names
+        Cell names, aligned with the rows of ``X``.
+    missing_genes
+        Schema genes the site lacks (zero-filled columns).
+    """
+
+    site: str
+    X: sparse.csr_matrix
+    batch_index: np.ndarray
+    labels: np.ndarray | None
+    obs_names: np.ndarray
+    missing_genes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        n = self.X.shape[0]
+        for name in ("batch_index", "labels", "obs_names"):
+            arr = getattr(self, name)
+            if arr is not None and len(arr) != n:
+                raise ValueError(f"SiteData {self.site!r}: {name} has {len(arr)} rows, X has {n}")
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells."""
+        return int(self.X.shape[0])
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes (the schema's)."""
+        return int(self.X.shape[1])
+
+
+def _place_columns(
+    x: Any, cols: np.ndarray, positions: np.ndarray, n_genes: int, dtype: Any
+) -> sparse.csr_matrix:
+    """Put column ``cols[j]`` of ``x`` at column ``positions[j]`` of a zero-filled CSR."""
+    if sparse.issparse(x):
+        sub = sparse.csr_matrix(x[:, cols], dtype=dtype)
+        sub.sort_indices()
+        out = sparse.csr_matrix(
+            (sub.data, positions[sub.indices], sub.indptr), shape=(x.shape[0], n_genes)
+        )
+    else:
+        dense = np.zeros((x.shape[0], n_genes), dtype=dtype)
+        dense[:, positions] = x[:, cols]
+        out = sparse.csr_matrix(dense)
+    out.eliminate_zeros()
+    return out
+
+
+def align_genes(x: Any, var_names: Any, genes: Any, dtype: Any = np.float32) -> sparse.csr_matrix:
+    """Return ``x`` (cells x ``var_names``) as CSR over ``genes``, absent genes zero-filled.
+
+    Parameters
+    ----------
+    x
+        Count matrix, sparse or dense.
+    var_names
+        Gene names of the columns of ``x``.
+    genes
+        Target genes, in the target order.
+    dtype
+        dtype of the result.
+    """
+    idx = pd.Index(var_names).get_indexer(list(genes))
+    present = idx >= 0
+    return _place_columns(x, idx[present], np.flatnonzero(present), len(idx), dtype)
+
+
+def project(
+    adata: AnnData,
+    schema: FederationSchema,
+    *,
+    site: str,
+    layer: str | None = None,
+    batch_size: int = 128,
+    min_gene_fraction: float = 0.5,
+) -> SiteData:
+    """Validate a site's data and project it onto the schema.
+
+    Parameters
+    ----------
+    adata
+        The site's data with raw counts.
+    schema
+        The federation schema.
+    site
+        Site name, used in every message.
+    layer
+        Layer holding raw counts; ``None`` uses ``schema.layer``.
+    batch_size
+        Minibatch size; the projected site needs at least this many cells.
+    min_gene_fraction
+        Smallest share of schema genes the site must have.
+
+    Returns
+    -------
+    The site's :class:`SiteData`. Labels are read from ``obs[schema.label_key]`` when that
+    column exists, else ``None`` (a site may embed without labels).
+
+    Raises
+    ------
+    SiteDataError
+        As :func:`~scfedvi.data.validate.validate_site`.
+    SchemaMismatchError
+        Batch or label values outside the schema, or too few schema genes.
+
+    Warns
+    -----
+    SiteDataWarning
+        Schema genes the site lacks (zero-filled), cells with no count over the schema genes
+        (dropped).
+    """
+    p = site_prefix(site)
+    layer = schema.layer if layer is None else layer
+    x = get_counts(adata, layer, site=site)
+    check_count_values(x, site=site, layer=layer)
+    check_unique_genes(adata, site=site)
+    check_obs_column(adata, schema.batch_key, site=site, role="batch_key")
+    has_labels = schema.label_key is not None and schema.label_key in adata.obs.columns
+    if has_labels:
+        check_obs_column(adata, str(schema.label_key), site=site, role="label_key")
+
+    idx = pd.Index(adata.var_names).get_indexer(list(schema.genes))
+    present = idx >= 0
+    n_present = int(present.sum())
+    if n_present < min_gene_fraction * schema.n_genes:
+        raise SchemaMismatchError(
+            f"{p}var_names has only {n_present} of the {schema.n_genes} schema genes "
+            f"(fewer than {min_gene_fraction:.0%}); check that gene identifiers match the "
+            f"schema's (symbols vs Ensembl IDs, species, case), e.g. schema genes "
+            f"{_examples(schema.genes)} vs site genes {_examples(adata.var_names)}"
+        )
+
+    batch_vals = adata.obs[schema.batch_key].astype(str).to_numpy()
+    batch_index = pd.Index(schema.batches).get_indexer(batch_vals).astype(np.int64)
+    if (batch_index < 0).any():
+        unknown = sorted(set(batch_vals[batch_index < 0]))
+        raise SchemaMismatchError(
+            f"{p}obs[{schema.batch_key!r}] has values not in the schema's batches: "
+            f"{_examples(unknown)} (schema batches: {_examples(schema.batches)}); rename them "
+            "to schema batches or rebuild the schema including them"
+        )
+    labels = None
+    if has_labels:
+        labels = adata.obs[schema.label_key].astype(str).to_numpy().astype(object)
+        if schema.labels is not None:
+            unknown = sorted(set(labels) - set(schema.labels))
+            if unknown:
+                raise SchemaMismatchError(
+                    f"{p}obs[{schema.label_key!r}] has labels not in the schema's labels: "
+                    f"{_examples(unknown)} (schema labels: {_examples(schema.labels)}); "
+                    "rename them to schema labels or rebuild the schema including them"
+                )
+
+    X = _place_columns(x, idx[present], np.flatnonzero(present), schema.n_genes, np.float32)
+    missing = tuple(np.asarray(schema.genes, dtype=object)[~present].tolist())
+    if missing:
+        warnings.warn(
+            f"{p}{len(missing)} of the {schema.n_genes} schema genes are absent from var_names "
+            f"and zero-filled ({_examples(missing)}); add them if the site measured them",
+            SiteDataWarning,
+            stacklevel=2,
+        )
+    obs_names = np.asarray(adata.obs_names, dtype=object)
+    keep = cell_totals(X) > 0
+    if not keep.all():
+        warnings.warn(
+            f"{p}{int((~keep).sum())} of {len(keep)} cells have zero counts over the "
+            f"{schema.n_genes} schema genes; they are dropped",
+            SiteDataWarning,
+            stacklevel=2,
+        )
+        X, batch_index, obs_names = X[keep], batch_index[keep], obs_names[keep]
+        labels = None if labels is None else labels[keep]
+    check_min_cells(X.shape[0], batch_size, site=site)
+    return SiteData(site, X, batch_index, labels, obs_names, missing)
