@@ -1,0 +1,151 @@
+"""The ``scfedvi`` command: parsing only, then the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from scfedvi import __version__
+
+EPILOG = """examples:
+  scfedvi demo                                   simulated sites, federated training, a report
+  scfedvi train --site lab-a=a.h5ad --site lab-b=b.h5ad --batch-key tech --out run1
+  scfedvi train --input pooled.h5ad --split-key lab --batch-key tech --label-key cell_type --out run1
+  scfedvi embed --model run1/model --input lab-c.h5ad --out lab-c.embedded.h5ad
+"""
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--rounds", type=int, default=None, help="communication rounds (default: 40; demo 20)"
+    )
+    g.add_argument(
+        "--local-epochs", type=int, default=None, help="epochs over a site's cells per round"
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the whole run (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scfedvi",
+        description=(
+            "scFedVI: train one scVI model across sites that cannot share their single-cell data. "
+            "Only model parameters and aggregate numbers leave a site; each site's cells are "
+            "embedded at the site."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"scfedvi {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser(
+        "demo",
+        help="federated run on simulated data (no servers, ~2 minutes)",
+        description="Simulate three sites with strong technical batch effects, train "
+        "scFedVI in process, compare it with scVI fit separately per site (batch and "
+        "cell-type LISI), and write embeddings, the model and a UMAP figure.",
+    )
+    d.add_argument("--out", default="scfedvi-demo", help="output folder (default: scfedvi-demo)")
+    d.add_argument("--cells", type=int, default=3000, help="simulated cells (default: 3000)")
+    d.add_argument("--genes", type=int, default=1000, help="simulated genes (default: 1000)")
+    d.add_argument("--no-figures", action="store_true", help="skip the UMAP figure")
+    d.add_argument(
+        "--overwrite", action="store_true", help="write into a folder holding other files"
+    )
+    _add_run_options(d)
+
+    t = sub.add_parser(
+        "train",
+        help="federated training in process on your .h5ad files",
+        description="Train scFedVI over sites given as files (one per site) or as one "
+        "file split by an obs column. Writes the global model, the schema, each "
+        "site's embedding (obsm['X_scFedVI']) as .h5ad and the history as CSV.",
+    )
+    src = t.add_argument_group("sites (one of)")
+    src.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a site's .h5ad of raw counts (repeat for each site)",
+    )
+    src.add_argument("--input", metavar="PATH", help="one .h5ad holding every site's cells")
+    src.add_argument("--split-key", help="with --input: obs column naming each cell's site")
+    t.add_argument(
+        "--batch-key", required=True, help="obs column of the batch to correct (e.g. technology)"
+    )
+    t.add_argument("--label-key", help="obs column of cell-type labels (optional, for evaluation)")
+    t.add_argument("--layer", help="layer with raw counts (default: X)")
+    t.add_argument(
+        "--n-top-genes", type=int, default=2000, help="highly variable genes (0: all genes)"
+    )
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--checkpoint-dir", help="checkpoint every round here; a rerun resumes from it")
+    t.add_argument(
+        "--overwrite", action="store_true", help="replace outputs of an earlier run in --out"
+    )
+    a = t.add_argument_group("method")
+    a.add_argument(
+        "--norm-stats",
+        choices=["local", "averaged"],
+        default=None,
+        help="BatchNorm statistics: each site's own (default) or averaged (plain FedAvg)",
+    )
+    a.add_argument(
+        "--no-batch-owned",
+        action="store_true",
+        help="average batch-specific weights over all sites (plain FedAvg)",
+    )
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_options(t)
+
+    e = sub.add_parser(
+        "embed",
+        help="embed one site's cells with a saved global model",
+        description="A site embeds its own cells with a saved model alone; no other "
+        "site's data is needed. Writes a new .h5ad with obsm['X_scFedVI'].",
+    )
+    e.add_argument("--model", required=True, help="folder of a saved model (train's OUT/model)")
+    e.add_argument("--input", required=True, help="the site's .h5ad of raw counts")
+    e.add_argument("--out", required=True, help="output .h5ad (must differ from --input)")
+    e.add_argument("--site", default="site", help="site name used in messages")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from scfedvi import commands
+
+    try:
+        return int(getattr(commands, args.command)(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (
+        ValueError,
+        KeyError,
+        FileExistsError,
+        FileNotFoundError,
+        RuntimeError,
+        ImportError,
+    ) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"scfedvi {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

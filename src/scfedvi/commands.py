@@ -1,0 +1,146 @@
+"""What each ``scfedvi`` subcommand does, given parsed arguments (thin calls into the library)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from scfedvi.config import RunConfig
+
+
+def demo(args: argparse.Namespace) -> int:
+    from scfedvi.demo import format_table, run_demo
+
+    kw = {}
+    if args.rounds:
+        kw["n_rounds"] = args.rounds
+    if args.local_epochs:
+        kw["local_epochs"] = args.local_epochs
+    print("scfedvi demo: 3 simulated sites (one technology each, library sizes 100x apart),")
+    print("federated training in process; then scVI fit separately per site for comparison.")
+    res = run_demo(
+        args.out,
+        n_cells=args.cells,
+        n_genes=args.genes,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        figures=not args.no_figures,
+        **kw,
+    )
+    print()
+    print(format_table(res.table))
+    print(f"\ntotal {res.seconds:.0f} s; outputs in {res.out_dir}/:")
+    for f in res.files:
+        print(f"  {f}")
+    return 0
+
+
+def _read(path: str):
+    import anndata as ad
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    return ad.read_h5ad(p)
+
+
+def _sites(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
+    if args.site and args.input:
+        raise ValueError(
+            "give sites either as --site NAME=PATH (repeatable) or as --input with --split-key"
+        )
+    if args.input:
+        if not args.split_key:
+            raise ValueError("--input needs --split-key, the obs column naming each cell's site")
+        return {"__one__": _read(args.input)}, {"__one__": Path(args.input)}
+    if not args.site:
+        raise ValueError(
+            "no sites: pass --site NAME=PATH for each site, or --input FILE --split-key KEY"
+        )
+    sites, paths = {}, {}
+    for spec in args.site:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--site {spec!r}: expected NAME=PATH, e.g. --site lab-a=lab_a.h5ad")
+        if name in sites:
+            raise ValueError(f"--site {name!r} given twice; site names must be unique")
+        sites[name], paths[name] = _read(path), Path(path)
+    return sites, paths
+
+
+def train(args: argparse.Namespace) -> int:
+    from scfedvi.model import ScFedVI
+
+    out = Path(args.out)
+    sites, inputs = _sites(args)
+    cfg = RunConfig()
+    fed = cfg.federation
+    fed = replace(fed, seed=args.seed, n_rounds=args.rounds or fed.n_rounds)
+    if args.norm_stats:
+        fed = replace(fed, norm_stats=args.norm_stats)
+    if args.no_batch_owned:
+        fed = replace(fed, batch_owned=False)
+    tr = replace(cfg.train, local_epochs=args.local_epochs or cfg.train.local_epochs)
+    cfg = replace(cfg, federation=fed, train=tr)
+    if "__one__" in sites:
+        model = ScFedVI.from_sites(
+            sites["__one__"],
+            split_key=args.split_key,
+            batch_key=args.batch_key,
+            label_key=args.label_key,
+            layer=args.layer,
+            n_top_genes=args.n_top_genes or None,
+            config=cfg,
+        )
+    else:
+        model = ScFedVI.from_sites(
+            sites,
+            batch_key=args.batch_key,
+            label_key=args.label_key,
+            layer=args.layer,
+            n_top_genes=args.n_top_genes or None,
+            config=cfg,
+        )
+    targets = [out / f"{name}.h5ad" for name in model.sites]
+    _check_outputs(
+        [*targets, out / "history.csv", out / "model" / "model.npz"],
+        inputs.values(),
+        args.overwrite,
+    )
+    print(f"{model}: {', '.join(f'{n} ({a.n_obs} cells)' for n, a in model.sites.items())}")
+    model.train(checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress)
+    model.embed_sites()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / "model", overwrite=args.overwrite)
+    model.history.to_csv(out / "history.csv", index=False)
+    for name, target in zip(model.sites, targets, strict=True):
+        model.sites[name].write_h5ad(target)
+    print(
+        f"wrote {out}/model (global model, schema.json), {len(targets)} site embeddings and history.csv"
+    )
+    return 0
+
+
+def embed(args: argparse.Namespace) -> int:
+    from scfedvi.model import ScFedVI
+
+    out = Path(args.out)
+    _check_outputs([out], [Path(args.input)], args.overwrite)
+    model = ScFedVI.load(args.model)
+    adata = _read(args.input)
+    z = model.get_latent_representation(adata, site=args.site)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    print(f"wrote {out}: obsm['X_scFedVI'] with {z.shape[1]} dimensions for {z.shape[0]} cells")
+    return 0
+
+
+def _check_outputs(targets, inputs, overwrite: bool) -> None:
+    ins = {os.path.realpath(p) for p in inputs}
+    for t in targets:
+        if os.path.realpath(t) in ins:
+            raise FileExistsError(f"output {t} would replace an input file; choose another --out")
+        if Path(t).exists() and not overwrite:
+            raise FileExistsError(f"{t} exists; pass --overwrite or choose another --out")

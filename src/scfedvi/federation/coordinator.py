@@ -1,0 +1,171 @@
+"""The server side of a round: initial model, aggregation, history and checkpoints.
+
+A round reads as the paper's algorithm: ``broadcast -> local_update (at each site) ->
+aggregate``. The coordinator owns the first and the last; runtimes (in process, Flower) carry
+the messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scfedvi.config import RunConfig
+from scfedvi.federation.aggregate import ServerOptimizer, SiteUpdate, fedavg, reject_invalid
+from scfedvi.train.local import build_module
+from scfedvi.train.params import Params, batch_owned_columns, get_state, shared_keys
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint"
+
+
+class RoundFailedError(RuntimeError):
+    """Fewer valid site updates than ``FederationConfig.min_sites``."""
+
+
+def nbytes(params: Params | None) -> int:
+    return int(sum(np.asarray(v).nbytes for v in (params or {}).values()))
+
+
+class Coordinator:
+    """Holds the global model and aggregates the sites' updates.
+
+    Parameters
+    ----------
+    n_genes, n_batches
+        Dimensions fixed by the federation schema.
+    config
+        The run's configuration.
+    schema_hash
+        Hash of the federation schema; checkpoints of another schema are refused.
+    checkpoint_dir
+        Where a checkpoint is written after every round (``None``: no checkpoints).
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_batches: int,
+        config: RunConfig,
+        *,
+        schema_hash: str = "",
+        checkpoint_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.config = config
+        self.schema_hash = schema_hash
+        self.n_genes, self.n_batches = n_genes, n_batches
+        torch.manual_seed(config.federation.seed)
+        module = build_module(n_genes, n_batches, config.model)
+        full = get_state(module)
+        self.keys = shared_keys(module, config.federation.norm_stats)
+        self.params: Params = {k: full[k] for k in self.keys}
+        self.initial_local: Params = {k: v for k, v in full.items() if k not in set(self.keys)}
+        self.batch_owned = batch_owned_columns(module) if config.federation.batch_owned else {}
+        fed = config.federation
+        self.server_opt = ServerOptimizer(fed.server_optimizer, fed.server_lr, fed.server_momentum)
+        self.control: Params | None = None
+        if config.train.scaffold:
+            self.control = {
+                n: np.zeros(tuple(p.shape), np.float32) for n, p in module.named_parameters()
+            }
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+
+    # -- broadcast ---------------------------------------------------------------------------
+    def broadcast(self) -> tuple[Params, Params | None]:
+        """What every site receives this round: the global parameters (and SCAFFOLD's control)."""
+        return self.params, self.control
+
+    # -- aggregate ---------------------------------------------------------------------------
+    def aggregate(self, updates: Sequence[SiteUpdate], dropped: Sequence[str] = ()) -> None:
+        """Aggregate one round's updates into the global model and record the round."""
+        kept, rejected = reject_invalid(updates)
+        r = self.round
+        down = nbytes(self.params) + nbytes(self.control)
+        for u in updates:
+            row = {"round": r, "site": u.site, "status": "rejected" if u.site in rejected else "ok"}
+            row.update({k: float(v) for k, v in u.metrics.items()})
+            row.update(bytes_up=nbytes(u.params) + nbytes(u.control_delta), bytes_down=down)
+            row["reason"] = rejected.get(u.site, "")
+            self.history.append(row)
+        for s in dropped:
+            self.history.append({"round": r, "site": s, "status": "dropped", "bytes_down": down})
+        if len(kept) < self.config.federation.min_sites:
+            raise RoundFailedError(
+                f"round {r}: {len(kept)} valid site updates, fewer than min_sites="
+                f"{self.config.federation.min_sites} (rejected: {rejected}, dropped: {list(dropped)})"
+            )
+        avg = fedavg(kept, self.params, self.batch_owned)
+        self.params = self.server_opt.step(self.params, avg)
+        if self.control is not None:
+            deltas = [u.control_delta for u in kept if u.control_delta is not None]
+            for k in self.control:
+                if deltas:
+                    self.control[k] = self.control[k] + np.mean([d[k] for d in deltas], axis=0)
+        self.round += 1
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {f"global/{k}": v for k, v in self.params.items()}
+        arrays.update({f"server/{k}": v for k, v in self.server_opt.state_arrays().items()})
+        arrays.update({f"control/{k}": v for k, v in (self.control or {}).items()})
+        meta = {
+            "round": self.round,
+            "schema_hash": self.schema_hash,
+            "config": self.config.to_dict(),
+            "history": self.history,
+        }
+        _atomic_npz(directory / f"{CHECKPOINT}.npz", arrays)
+        _atomic_text(directory / f"{CHECKPOINT}.json", json.dumps(meta, indent=1))
+
+    def load_checkpoint(self, directory: Path) -> bool:
+        """Resume from ``directory`` if it holds a checkpoint; returns whether it did."""
+        meta_path = directory / f"{CHECKPOINT}.json"
+        if not meta_path.exists():
+            return False
+        meta = json.loads(meta_path.read_text())
+        if meta["schema_hash"] != self.schema_hash:
+            raise ValueError(
+                f"checkpoint in {directory} belongs to schema {meta['schema_hash']!r}, this run's "
+                f"is {self.schema_hash!r}; use another checkpoint directory or delete it"
+            )
+        if meta["config"] != self.config.to_dict():
+            raise ValueError(
+                f"checkpoint in {directory} was written with another configuration; "
+                "resume with the same settings or use another checkpoint directory"
+            )
+        with np.load(directory / f"{CHECKPOINT}.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        self.params = {k[7:]: v for k, v in arrays.items() if k.startswith("global/")}
+        self.server_opt.load_state_arrays(
+            {k[7:]: v for k, v in arrays.items() if k.startswith("server/")}
+        )
+        if self.control is not None:
+            self.control = {k[8:]: v for k, v in arrays.items() if k.startswith("control/")}
+        self.round = int(meta["round"])
+        self.history = list(meta["history"])
+        log.info("resumed from %s at round %d", directory, self.round)
+        return True
+
+
+def _atomic_npz(path: Path, arrays: Params) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,96 @@
+"""The site side of a round: one object per site, the same in every runtime.
+
+A site trains from the global parameters on its own cells and answers with parameters, its
+cell counts and scalar metrics; its normalization statistics, optimizer moments and control
+variates stay with it (in memory, or in its own state file between Flower messages).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scfedvi.config import RunConfig
+from scfedvi.federation.aggregate import SiteUpdate
+from scfedvi.train.local import (
+    LocalState,
+    SiteTensors,
+    build_module,
+    calibrate_norm_stats,
+    embed,
+    local_update,
+    site_seed,
+)
+from scfedvi.train.params import Params, set_state
+
+
+class SiteWorker:
+    """A site: its data, its model replica and its private training state."""
+
+    def __init__(
+        self, name: str, data: SiteTensors, n_genes: int, n_batches: int, config: RunConfig
+    ) -> None:
+        if data.X.shape[1] != n_genes:
+            raise ValueError(
+                f"site {name!r}: data has {data.X.shape[1]} genes, the schema {n_genes}; "
+                "project the site's AnnData onto the federation schema first"
+            )
+        self.name = name
+        self.data = data
+        self.config = config
+        self.module = build_module(n_genes, n_batches, config.model)
+        self.state = LocalState()
+
+    def fit(
+        self, global_params: Params, round_idx: int, control: Params | None = None
+    ) -> SiteUpdate:
+        """Local update for one round."""
+        seed = site_seed(self.config.federation.seed, round_idx, self.name)
+        result, self.state = local_update(
+            self.module,
+            global_params,
+            self.data,
+            self.config.train,
+            self.state,
+            norm_stats=self.config.federation.norm_stats,
+            seed=seed,
+            global_control=control,
+        )
+        return SiteUpdate(
+            site=self.name,
+            params=result.params,
+            num_examples=result.num_examples,
+            batch_counts=self.data.batch_counts(),
+            metrics=result.metrics,
+            control_delta=result.control_delta,
+        )
+
+    def embed(self, global_params: Params) -> np.ndarray:
+        """The site's cells in the global latent space, computed at the site."""
+        set_state(self.module, global_params)
+        if self.config.federation.norm_stats == "local" and self.config.model.norm == "batch":
+            calibrate_norm_stats(self.module, self.data)
+        return embed(self.module, self.data)
+
+    # -- private state on disk (the site's own storage) -------------------------------------
+    def save_state(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "local_params": self.state.local_params,
+                "optimizer": self.state.optimizer,
+                "control": self.state.control,
+                "epochs_done": self.state.epochs_done,
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        d = torch.load(Path(path), weights_only=False)
+        self.state = LocalState(d["local_params"], d["optimizer"], d["control"], d["epochs_done"])

@@ -1,0 +1,281 @@
+"""The user-facing API over AnnData: set up sites, train federated, embed, save, load, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from scfedvi._constants import LATENT_KEY
+from scfedvi.config import RunConfig
+from scfedvi.data.harmonize import harmonize
+from scfedvi.data.schema import FederationSchema, SiteData, project
+
+log = logging.getLogger(__name__)
+MODEL_FILE, SCHEMA_FILE, CONFIG_FILE, HISTORY_FILE = (
+    "model.npz",
+    "schema.json",
+    "config.json",
+    "history.csv",
+)
+
+
+def _tensors(sd: SiteData):
+    from scfedvi.train.local import SiteTensors
+
+    return SiteTensors(sd.X, sd.batch_index)
+
+
+class ScFedVI:
+    """scFedVI: one scVI model trained by federated averaging across sites.
+
+    Build it with :meth:`from_sites` (or :meth:`load` a trained one), :meth:`train` it, and
+    embed any site's cells with :meth:`get_latent_representation`.
+
+    Parameters
+    ----------
+    schema
+        The federation schema (genes, batches, labels) fixed before training.
+    config
+        The run's configuration.
+    sites
+        Site name -> AnnData (the in-process runtime's sites; empty for a loaded model).
+    """
+
+    def __init__(
+        self,
+        schema: FederationSchema,
+        config: RunConfig | None = None,
+        sites: Mapping[str, ad.AnnData] | None = None,
+        *,
+        layer: str | None = None,
+    ) -> None:
+        self.schema = schema
+        self.config = config or RunConfig()
+        self.sites: dict[str, ad.AnnData] = dict(sites or {})
+        self.layer = layer
+        self.params: dict[str, np.ndarray] | None = None
+        self.history = pd.DataFrame()
+        self._site_data: dict[str, SiteData] = {}
+        for name, adata in self.sites.items():
+            self._site_data[name] = project(
+                adata, schema, site=name, layer=layer, batch_size=self.config.train.batch_size
+            )
+
+    # -- set-up ------------------------------------------------------------------------------
+    @classmethod
+    def from_sites(
+        cls,
+        sites: Mapping[str, ad.AnnData] | ad.AnnData,
+        *,
+        batch_key: str,
+        split_key: str | None = None,
+        label_key: str | None = None,
+        layer: str | None = None,
+        n_top_genes: int | None = 2000,
+        min_sites_per_gene: int | None = None,
+        config: RunConfig | None = None,
+    ) -> ScFedVI:
+        """Harmonize the sites from their summaries alone, fix the schema, project each site.
+
+        Parameters
+        ----------
+        sites
+            Site name -> AnnData of raw counts, or one AnnData split into sites by ``split_key``.
+        batch_key
+            ``obs`` column of the batch (technology, donor, ...) the model corrects for.
+        split_key
+            With one AnnData: the ``obs`` column naming each cell's site.
+        label_key
+            Optional ``obs`` column of cell-type labels (for evaluation only).
+        layer
+            Layer holding raw counts (``None``: ``X``).
+        n_top_genes
+            Highly variable genes to keep (seurat_v3 over the sites' batches); ``None``: all.
+        min_sites_per_gene
+            Keep genes present at this many sites (zero-filled elsewhere); default: all sites.
+        """
+        if isinstance(sites, ad.AnnData):
+            sites = _split(sites, split_key)
+        elif split_key is not None:
+            raise ValueError("split_key is for one AnnData; with a mapping, each entry is a site")
+        if not sites:
+            raise ValueError("no sites given: pass at least one site's AnnData")
+        schema = harmonize(
+            sites,
+            batch_key=batch_key,
+            n_top_genes=n_top_genes,
+            min_sites=min_sites_per_gene,
+            label_key=label_key,
+            layer=layer,
+        )
+        cfg = config or RunConfig()
+        return cls(schema, cfg, sites, layer=layer)
+
+    # -- training ----------------------------------------------------------------------------
+    def train(
+        self,
+        n_rounds: int | None = None,
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = True,
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        """Federated training in process; returns the history (one row per site and round)."""
+        from scfedvi.federation.coordinator import Coordinator
+        from scfedvi.federation.inprocess import run_in_process
+
+        if not self._site_data:
+            raise ValueError(
+                "this model has no sites to train on; build it with ScFedVI.from_sites"
+            )
+        n_rounds = n_rounds or self.config.federation.n_rounds
+        coord = Coordinator(
+            self.schema.n_genes,
+            self.schema.n_batches,
+            self.config,
+            schema_hash=self.schema.hash,
+            checkpoint_dir=checkpoint_dir,
+        )
+        workers = self._workers()
+        bar = _progress(n_rounds, progress)
+        run_in_process(coord, workers, n_rounds, resume=resume, on_round=lambda r, s: bar.update(1))
+        bar.close()
+        self.params = coord.params
+        self.history = pd.DataFrame(coord.history)
+        return self.history
+
+    def _workers(self):
+        from scfedvi.federation.site import SiteWorker
+
+        return [
+            SiteWorker(n, _tensors(sd), self.schema.n_genes, self.schema.n_batches, self.config)
+            for n, sd in self._site_data.items()
+        ]
+
+    # -- embedding ---------------------------------------------------------------------------
+    def get_latent_representation(
+        self, adata: ad.AnnData | None = None, *, site: str | None = None, write: bool = True
+    ) -> np.ndarray:
+        """The cells of one site in the global latent space, computed with that site's data only.
+
+        Parameters
+        ----------
+        adata
+            A site's AnnData (any site, also one that took no part in training).
+        site
+            Or the name of a training site.
+        write
+            Store the result in ``adata.obsm['X_scFedVI']``.
+        """
+        from scfedvi.federation.site import SiteWorker
+
+        self._require_trained()
+        if adata is None:
+            if site not in self.sites:
+                raise KeyError(f"unknown site {site!r}; sites: {sorted(self.sites)}")
+            adata, sd = self.sites[site], self._site_data[site]
+        else:
+            sd = project(
+                adata, self.schema, site=site or "new-site", layer=self.layer, batch_size=2
+            )
+        worker = SiteWorker(
+            sd.site, _tensors(sd), self.schema.n_genes, self.schema.n_batches, self.config
+        )
+        z = worker.embed(self.params)  # type: ignore[arg-type]
+        if write:
+            if z.shape[0] != adata.n_obs:  # cells without counts were dropped
+                full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
+                full[adata.obs_names.get_indexer(sd.obs_names)] = z
+                z = full
+            adata.obsm[LATENT_KEY] = z
+        return z
+
+    def embed_sites(self) -> dict[str, np.ndarray]:
+        """Embed every training site's cells (written to each site's ``obsm``)."""
+        return {name: self.get_latent_representation(site=name) for name in self.sites}
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the global model, schema, configuration and history to ``directory``."""
+        self._require_trained()
+        d = Path(directory)
+        if (d / MODEL_FILE).exists() and not overwrite:
+            raise FileExistsError(
+                f"{d / MODEL_FILE} exists; pass overwrite=True or choose another directory"
+            )
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / MODEL_FILE, **self.params)  # type: ignore[arg-type]
+        self.schema.save(d / SCHEMA_FILE)
+        (d / CONFIG_FILE).write_text(
+            json.dumps({"config": self.config.to_dict(), "layer": self.layer}, indent=2)
+        )
+        self.history.to_csv(d / HISTORY_FILE, index=False)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ScFedVI:
+        """Load a saved global model; a site can then embed its own cells with it."""
+        d = Path(directory)
+        if not (d / MODEL_FILE).exists():
+            raise FileNotFoundError(f"no saved scFedVI model in {d} (missing {MODEL_FILE})")
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        model = cls(
+            FederationSchema.load(d / SCHEMA_FILE),
+            RunConfig.from_dict(meta["config"]),
+            layer=meta["layer"],
+        )
+        with np.load(d / MODEL_FILE) as z:
+            model.params = {k: z[k] for k in z.files}
+        if (d / HISTORY_FILE).exists() and (d / HISTORY_FILE).stat().st_size > 1:
+            model.history = pd.read_csv(d / HISTORY_FILE)
+        return model
+
+    def to_scvi(self, adata: ad.AnnData) -> Any:
+        """Export to an ``scvi.model.SCVI`` set up on ``adata`` (needs scvi-tools)."""
+        from scfedvi.export import to_scvi
+
+        self._require_trained()
+        return to_scvi(self, adata)
+
+    def _require_trained(self) -> None:
+        if self.params is None:
+            raise RuntimeError("the model is not trained yet: call .train() or ScFedVI.load(dir)")
+
+    def __repr__(self) -> str:
+        s = self.schema
+        state = "trained" if self.params is not None else "untrained"
+        return (
+            f"ScFedVI({state}; {len(self.sites)} sites, {s.n_genes} genes, {s.n_batches} batches "
+            f"of {s.batch_key!r}, schema {s.hash[:12]})"
+        )
+
+
+def _split(adata: ad.AnnData, split_key: str | None) -> dict[str, ad.AnnData]:
+    if split_key is None:
+        raise ValueError(
+            "one AnnData was given: pass split_key=<obs column naming each cell's site>"
+        )
+    if split_key not in adata.obs:
+        raise ValueError(
+            f"obs[{split_key!r}] is missing; pass split_key= one of {list(adata.obs.columns)}"
+        )
+    col = adata.obs[split_key]
+    if col.isna().any():
+        raise ValueError(
+            f"obs[{split_key!r}] has {int(col.isna().sum())} missing values; fill them"
+        )
+    return {str(v): adata[(col == v).values].copy() for v in sorted(col.astype(str).unique())}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="federated rounds", unit="round", disable=not enabled)

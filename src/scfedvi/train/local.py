@@ -1,0 +1,277 @@
+"""Local training at one site: a lean loop over the site's own cells.
+
+Counts stay sparse in memory; each minibatch is densified on the fly. The optimizer is Adam with
+scvi-tools' settings; the KL warm-up follows the federation's global epoch count.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scfedvi.config import ModelConfig, TrainConfig
+from scfedvi.module.vae import VAE
+from scfedvi.train.params import Params, get_state, set_state, shared_keys
+
+
+@dataclass
+class SiteTensors:
+    """A site's training data: sparse counts in schema gene order and batch indices."""
+
+    X: sp.csr_matrix
+    batch_index: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.X = sp.csr_matrix(self.X, dtype=np.float32)
+        self.batch_index = np.asarray(self.batch_index, dtype=np.int64)
+        if self.X.shape[0] != self.batch_index.shape[0]:
+            raise ValueError("X and batch_index have different numbers of cells")
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.X.shape[0])
+
+    def batch_counts(self) -> dict[int, int]:
+        """Cells per batch index (an aggregate that may leave the site)."""
+        vals, counts = np.unique(self.batch_index, return_counts=True)
+        return {int(v): int(c) for v, c in zip(vals, counts, strict=True)}
+
+    def minibatch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(self.X[idx].toarray())
+        return x, torch.from_numpy(self.batch_index[idx])
+
+    def iter_minibatches(
+        self, batch_size: int, rng: np.random.Generator | None, *, drop_small: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Minibatches in a shuffled (``rng``) or the stored order.
+
+        A last minibatch of fewer than 3 cells is dropped in training, as scvi-tools does,
+        since BatchNorm cannot normalize one cell.
+        """
+        order = rng.permutation(self.n_cells) if rng is not None else np.arange(self.n_cells)
+        for start in range(0, self.n_cells, batch_size):
+            idx = order[start : start + batch_size]
+            if drop_small and len(idx) < 3 and start > 0:
+                break
+            yield self.minibatch(idx)
+
+
+@dataclass
+class LocalState:
+    """What a site keeps between rounds; none of it leaves the site."""
+
+    local_params: Params = field(default_factory=dict)  # site-local BatchNorm statistics
+    optimizer: dict | None = None  # Adam moments, when kept between rounds
+    control: Params | None = None  # SCAFFOLD client control variate
+    epochs_done: float = 0.0
+
+
+@dataclass
+class LocalResult:
+    """What a local update produces; ``params`` and ``metrics`` are sent to the server."""
+
+    params: Params
+    num_examples: int
+    metrics: dict[str, float]
+    control_delta: Params | None = None
+
+
+def site_seed(seed: int, round_idx: int, site: str) -> int:
+    """A seed for one site in one round, the same in every runtime."""
+    return (seed * 1_000_003 + round_idx * 9_176 + zlib.crc32(site.encode())) % (2**31 - 1)
+
+
+def kl_weight(epoch: float, n_epochs_kl_warmup: int | None) -> float:
+    """KL warm-up as scvi-tools: ``min(1, epoch / n_epochs_kl_warmup)``."""
+    if not n_epochs_kl_warmup:
+        return 1.0
+    return float(min(1.0, epoch / n_epochs_kl_warmup))
+
+
+def build_module(n_genes: int, n_batches: int, model: ModelConfig) -> VAE:
+    return VAE(n_genes, n_batches, model)
+
+
+def make_optimizer(module: VAE, cfg: TrainConfig) -> torch.optim.Adam:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def local_update(
+    module: VAE,
+    global_params: Mapping[str, np.ndarray],
+    data: SiteTensors,
+    cfg: TrainConfig,
+    state: LocalState,
+    *,
+    norm_stats: str,
+    seed: int,
+    global_control: Mapping[str, np.ndarray] | None = None,
+) -> tuple[LocalResult, LocalState]:
+    """Train from the global parameters on the site's cells; return the new shared parameters.
+
+    Parameters
+    ----------
+    module
+        A module of the federation's architecture (its weights are overwritten).
+    global_params
+        The server's shared parameters of this round.
+    data
+        The site's cells.
+    cfg
+        Local training settings.
+    state
+        The site's state from the previous round (local statistics, optimizer, control).
+    norm_stats
+        ``"local"`` or ``"averaged"`` (see :class:`~scfedvi.config.FederationConfig`).
+    seed
+        Seed of this site's round (minibatch order, dropout, reparametrization noise).
+    global_control
+        SCAFFOLD server control variate (when ``cfg.scaffold``).
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    set_state(module, global_params)
+    if state.local_params:
+        set_state(module, state.local_params)
+    module.train()
+    opt = make_optimizer(module, cfg)
+    if cfg.optimizer_state == "keep" and state.optimizer is not None:
+        opt.load_state_dict(state.optimizer)
+    named = dict(module.named_parameters())
+    anchor = {k: p.detach().clone() for k, p in named.items()} if cfg.proximal_mu > 0 else None
+    correction = (
+        _scaffold_correction(named, global_control, state.control) if cfg.scaffold else None
+    )
+
+    n_per_epoch = max(1, _n_minibatches(data.n_cells, cfg.batch_size))
+    total_steps = cfg.local_steps or cfg.local_epochs * n_per_epoch
+    sums = np.zeros(3)
+    n_seen = 0
+    step = 0
+    while step < total_steps:
+        for x, b in data.iter_minibatches(cfg.batch_size, rng):
+            if step >= total_steps:
+                break
+            epoch = state.epochs_done + step / n_per_epoch
+            out = module.loss(x, b, kl_weight=kl_weight(int(epoch), cfg.n_epochs_kl_warmup))
+            loss = out.loss
+            if anchor is not None:
+                prox = sum(((p - anchor[k]) ** 2).sum() for k, p in named.items())
+                loss = loss + 0.5 * cfg.proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if correction is not None:
+                for k, p in named.items():
+                    if p.grad is not None:
+                        p.grad.add_(correction[k])
+            opt.step()
+            m = len(x)
+            sums += m * np.array(
+                [out.loss.item(), out.reconstruction.mean().item(), out.kl_local.mean().item()]
+            )
+            n_seen += m
+            step += 1
+    new_state = get_state(module)
+    keys = shared_keys(module, norm_stats)
+    result_params = {k: new_state[k] for k in keys}
+    control_delta = None
+    new_control = state.control
+    if cfg.scaffold:
+        new_control, control_delta = _scaffold_update(
+            named, global_params, result_params, global_control, state.control, step, cfg.lr
+        )
+    local = {k: v for k, v in new_state.items() if k not in set(keys)}
+    metrics = {
+        "loss": sums[0] / max(n_seen, 1),
+        "reconstruction": sums[1] / max(n_seen, 1),
+        "kl": sums[2] / max(n_seen, 1),
+        "steps": float(step),
+        "seconds": time.perf_counter() - t0,
+    }
+    new_local = LocalState(
+        local_params=local,
+        optimizer=opt.state_dict() if cfg.optimizer_state == "keep" else None,
+        control=new_control,
+        epochs_done=state.epochs_done + step / n_per_epoch,
+    )
+    return LocalResult(result_params, data.n_cells, metrics, control_delta), new_local
+
+
+def _n_minibatches(n: int, batch_size: int) -> int:
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 3 or full == 0 else 0)
+
+
+def _scaffold_correction(named, global_control, client_control) -> dict[str, torch.Tensor]:
+    """SCAFFOLD: gradient correction ``c - c_i`` (zeros before the first round)."""
+    out = {}
+    for k, p in named.items():
+        c = global_control.get(k) if global_control else None
+        ci = client_control.get(k) if client_control else None
+        corr = torch.zeros_like(p)
+        if c is not None:
+            corr += torch.as_tensor(c)
+        if ci is not None:
+            corr -= torch.as_tensor(ci)
+        out[k] = corr
+    return out
+
+
+def _scaffold_update(named, global_params, new_params, global_control, client_control, steps, lr):
+    """Option II of SCAFFOLD: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; returns (c_i+, delta)."""
+    new_c, delta = {}, {}
+    for k in named:
+        ci = client_control.get(k) if client_control else np.zeros_like(new_params[k])
+        c = global_control.get(k) if global_control else np.zeros_like(new_params[k])
+        upd = ci - c + (np.asarray(global_params[k]) - new_params[k]) / (max(steps, 1) * lr)
+        new_c[k] = upd.astype(np.float32)
+        delta[k] = (upd - ci).astype(np.float32)
+    return new_c, delta
+
+
+@torch.no_grad()
+def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024) -> Params:
+    """Recompute BatchNorm statistics on a site's cells with the current weights.
+
+    The statistics are the exact averages over the site's cells (cumulative averaging), with
+    dropout off; they are the site's own and never leave it. Returns the new statistics.
+    """
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    if not bns:
+        return {}
+    saved = {m: m.momentum for m in bns}
+    module.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for x, b in data.iter_minibatches(batch_size, None, drop_small=True):
+        inf = module.inference(x, b)
+        module.generative(inf["qz_m"], inf["library"], b)
+    for m in bns:
+        m.momentum = saved[m]
+        m.eval()
+    return {
+        k: v
+        for k, v in get_state(module).items()
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+
+
+@torch.no_grad()
+def embed(module: VAE, data: SiteTensors, batch_size: int = 1024) -> np.ndarray:
+    """Posterior means of the site's cells (eval mode: running statistics, no dropout)."""
+    module.eval()
+    out = [
+        module.latent(x, b).numpy()
+        for x, b in data.iter_minibatches(batch_size, None, drop_small=False)
+    ]
+    return np.concatenate(out, axis=0)
