@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 from scipy import sparse
@@ -19,7 +19,8 @@ from scfedvi.data.errors import SiteDataError, SiteDataWarning, site_prefix
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    Counts = sparse.csr_matrix | np.ndarray
+#: A count matrix as the data layer handles it: CSR or dense, cells x genes.
+Counts: TypeAlias = "sparse.csr_matrix | np.ndarray"
 
 #: Number of stored values inspected at a time (bounds the temporary memory of the checks).
 _CHUNK = 1 << 22
@@ -67,8 +68,8 @@ def get_counts(adata: AnnData, layer: str | None = None, *, site: str | None = N
 
 def _value_blocks(x: Counts) -> Iterator[np.ndarray]:
     """Yield the stored values of ``x`` in bounded blocks (``.data`` for sparse)."""
-    if sparse.issparse(x):
-        data = x.data
+    if isinstance(x, sparse.csr_matrix):
+        data = np.asarray(x.data)
         for start in range(0, data.size, _CHUNK):
             yield data[start : start + _CHUNK]
     else:
@@ -192,7 +193,7 @@ def cell_totals(x: Counts) -> np.ndarray:
 
 def n_detected_cells(x: Counts) -> np.ndarray:
     """Return, per gene, the number of cells with a non-zero count."""
-    if sparse.issparse(x):
+    if isinstance(x, sparse.csr_matrix):
         return np.bincount(x.indices[x.data != 0], minlength=x.shape[1])
     return np.count_nonzero(x, axis=0)
 
