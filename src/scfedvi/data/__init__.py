@@ -18,6 +18,7 @@ from scfedvi.data.harmonize import (
     harmonize,
     hvg_table,
     shared_batches,
+    site_batches,
     site_genes,
     site_summary,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "random_split",
     "shared_batches",
     "simulate",
+    "site_batches",
     "site_genes",
     "site_summary",
     "sites_per_group",

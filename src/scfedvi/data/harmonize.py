@@ -2,9 +2,11 @@
 
 The protocol (each step sends only per-gene or per-batch aggregates):
 
-1. each site sends :func:`site_genes`; the coordinator computes :func:`gene_universe`;
+1. each site sends :func:`site_genes` and :func:`site_batches` (cells per batch); the
+   coordinator computes :func:`gene_universe` and the batches held by several sites;
 2. each site sends :func:`site_summary` over the universe: per batch, the cell count and
    per-gene sums, sums of squares, loess fit and clipped sums (scanpy's seurat_v3 terms);
+   for batches held by several sites (``pooled_batches=``) only the sums and sums of squares;
 3. only when a batch is held by several sites: the coordinator sends
    :func:`batch_clip_values` (from the pooled per-gene moments) and those sites recompute
    their summary with ``clip_values=``;
@@ -16,7 +18,7 @@ The protocol (each step sends only per-gene or per-batch aggregates):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +28,12 @@ import pandas as pd
 from scfedvi.data import _hvg
 from scfedvi.data.errors import SchemaMismatchError, SiteDataError, site_prefix
 from scfedvi.data.schema import FederationSchema, align_genes
-from scfedvi.data.validate import check_obs_column, check_unique_genes, get_counts
+from scfedvi.data.validate import (
+    check_count_values,
+    check_obs_column,
+    check_unique_genes,
+    get_counts,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -50,7 +57,8 @@ class SiteSummary:
     stats
         ``stats[batch][name]`` for ``name`` in :data:`BATCH_FIELDS`: float64 vectors over
         ``genes``. ``reg_std`` and ``clip`` come from the loess fit on this site's cells of the
-        batch, or from the coordinator's ``clip_values`` when the batch spans sites.
+        batch; for a batch that spans sites ``clip`` is the coordinator's and ``reg_std`` is
+        zero (unused: the coordinator fits the pooled batch).
     labels
         Label categories seen at the site (sorted), when a label key was given.
     """
@@ -93,6 +101,13 @@ def site_genes(adata: AnnData, *, site: str | None = None) -> tuple[str, ...]:
     """Phase 1 at a site: the gene names it measured (unique, in its own order)."""
     check_unique_genes(adata, site=site)
     return tuple(str(g) for g in adata.var_names)
+
+
+def site_batches(adata: AnnData, *, site: str, batch_key: str) -> dict[str, int]:
+    """Phase 1 at a site: the number of cells of each batch it holds."""
+    check_obs_column(adata, batch_key, site=site, role="batch_key")
+    counts = adata.obs[batch_key].astype(str).value_counts()
+    return {str(b): int(n) for b, n in sorted(counts.items())}
 
 
 def gene_universe(
@@ -140,6 +155,7 @@ def site_summary(
     layer: str | None = None,
     label_key: str | None = None,
     clip_values: Mapping[str, Sequence[float]] | None = None,
+    pooled_batches: Collection[str] = (),
     span: float = _hvg.LOESS_SPAN,
 ) -> SiteSummary:
     """Phase 2 at a site: per-batch, per-gene statistics for seurat_v3 gene selection.
@@ -162,28 +178,48 @@ def site_summary(
     clip_values
         Per batch, the clip values sent by the coordinator (:func:`batch_clip_values`) for
         batches held by several sites; other batches are fitted locally.
+    pooled_batches
+        Batches known to be held by several sites (see :func:`site_batches`): only their
+        moments are computed (no local fit, zero clipped sums) until ``clip_values`` come.
     span
         Loess span (scanpy's default 0.3).
     """
     p = site_prefix(site)
     genes = site_genes(adata, site=site) if genes is None else tuple(genes)
     check_obs_column(adata, batch_key, site=site, role="batch_key")
-    x = align_genes(get_counts(adata, layer, site=site), adata.var_names, genes, np.float64)
+    check_unique_genes(adata, site=site)
+    raw = get_counts(adata, layer, site=site)
+    check_count_values(raw, site=site, layer=layer)
+    x = align_genes(raw, adata.var_names, genes, np.float64)
     batches = adata.obs[batch_key].astype(str).to_numpy()
     counts: dict[str, int] = {}
     stats: dict[str, dict[str, np.ndarray]] = {}
-    for b in np.unique(batches):
+    uniq, sizes = np.unique(batches, return_counts=True)
+    if sizes.min() < 2:
+        b, n = uniq[sizes.argmin()], sizes.min()
+        raise SiteDataError(
+            f"{p}obs[{batch_key!r}] value {b!r} has {n} cell; gene selection needs at "
+            "least 2 cells per batch: merge this batch into another or drop the cell"
+        )
+    for b in uniq:
         xb = x[batches == b]
         n, sums, sums_sq = _hvg.moments(xb)
-        if n < 2:
-            raise SiteDataError(
-                f"{p}obs[{batch_key!r}] value {b!r} has {n} cell; gene selection needs at "
-                "least 2 cells per batch: merge this batch into another or drop the cell"
-            )
-        _, reg_std, clip = _hvg.loess_fit(n, sums, sums_sq, span)
+        zeros = np.zeros(len(genes))
         if clip_values is not None and b in clip_values:  # batch spans sites: pooled fit
-            clip = np.asarray(clip_values[b], dtype=np.float64)
-        s1, s2 = _hvg.clipped_sums(xb, clip)
+            reg_std, clip = zeros, np.asarray(clip_values[b], dtype=np.float64)
+            s1, s2 = _hvg.clipped_sums(xb, clip)
+        elif b in pooled_batches:  # moments only; clip values come from the coordinator
+            reg_std = clip = s1 = s2 = zeros
+        else:
+            try:
+                _, reg_std, clip = _hvg.loess_fit(n, sums, sums_sq, span)
+            except ValueError as e:
+                raise SiteDataError(
+                    f"{p}obs[{batch_key!r}] value {b!r}: the seurat_v3 loess fit failed on its "
+                    f"{n} cells and {int((sums > 0).sum())} detected genes ({e}); merge small "
+                    "batches, or, if other sites hold this batch, pass pooled_batches="
+                ) from e
+            s1, s2 = _hvg.clipped_sums(xb, clip)
         counts[str(b)] = n
         stats[str(b)] = dict(zip(BATCH_FIELDS, (sums, sums_sq, reg_std, clip, s1, s2), strict=True))
     labels = None
@@ -345,15 +381,21 @@ def harmonize(
     :func:`build_schema`.
     """
     universe = gene_universe([site_genes(a, site=s) for s, a in sites.items()], min_sites)
+    held: dict[str, list[str]] = {}
+    for s, a in sites.items():
+        for b in site_batches(a, site=s, batch_key=batch_key):
+            held.setdefault(b, []).append(s)
+    shared = {b for b, holders in held.items() if len(holders) > 1}
     kw: dict[str, Any] = {"batch_key": batch_key, "genes": universe, "layer": layer}
-    summaries = [site_summary(a, site=s, label_key=label_key, **kw) for s, a in sites.items()]
-    clips = batch_clip_values(summaries)
-    if clips:
+    kw["label_key"] = label_key
+    summaries = [site_summary(a, site=s, pooled_batches=shared, **kw) for s, a in sites.items()]
+    if shared:
+        clips = batch_clip_values(summaries)
         summaries = [
-            site_summary(sites[s.site], site=s.site, label_key=label_key, clip_values=clips, **kw)
-            if set(s.batch_counts) & set(clips)
-            else s
-            for s in summaries
+            site_summary(sites[x.site], site=x.site, clip_values=clips, **kw)
+            if set(x.batch_counts) & shared
+            else x
+            for x in summaries
         ]
     return build_schema(
         summaries,

@@ -166,8 +166,8 @@ def check_obs_column(adata: AnnData, key: str, *, site: str | None, role: str) -
     if key not in adata.obs.columns:
         avail = ", ".join(repr(c) for c in adata.obs.columns) or "none"
         raise SiteDataError(
-            f"{p}obs[{key!r}] is missing (available columns: {avail}); "
-            f"pass {role}=... naming one of them or add the column"
+            f"{p}obs[{key!r}] is missing; pass {role}=... or add the column "
+            f"(available columns: {avail})"
         )
     n_na = int(adata.obs[key].isna().sum())
     if n_na:
