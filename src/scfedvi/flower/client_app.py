@@ -1,0 +1,170 @@
+"""A site as a Flower ClientApp: answers the setup, training and embedding messages.
+
+Flower starts a fresh process for every message, so the site keeps nothing in memory: its
+data is read from ``data-path`` each time, and its private training state (normalization
+statistics, optimizer moments, control variates) is saved in ``state-dir`` after each round
+and reloaded for the next. A reply carries only what :mod:`scfedvi` lets leave a site:
+gene names and per-gene summaries (setup), shared parameters, cell counts (in total and per
+batch), scalar metrics, the schema hash and the round; the embedding stays at the site.
+
+The training modules (torch) are imported only by the handlers that train or embed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from scfedvi._constants import LATENT_KEY, SCHEMA_HASH
+from scfedvi.config import RunConfig
+from scfedvi.data.errors import SchemaMismatchError, SiteDataError
+from scfedvi.flower import messages as m
+from scfedvi.flower.node import NodeSettings
+from scfedvi.flower.settings import AppSettings, run_config_from_flower
+
+log = logging.getLogger(__name__)
+#: Error code of a reply that explains why the site's data cannot be used.
+SITE_DATA_ERROR = 2  # flwr's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+app = ClientApp()
+
+Handler = Callable[[Message, NodeSettings, RunConfig, AppSettings], RecordDict]
+
+
+def site_handler(fn: Handler) -> Callable[[Message, Context], Message]:
+    """Parse the configs, run ``fn``; a :class:`SiteDataError` becomes a clear error reply."""
+
+    @functools.wraps(fn)
+    def wrapper(msg: Message, context: Context) -> Message:
+        cfg, settings = run_config_from_flower(context.run_config)
+        try:
+            node = NodeSettings.from_configs(context.node_config, settings)
+            return Message(fn(msg, node, cfg, settings), reply_to=msg)
+        except SiteDataError as e:
+            log.error("%s", e)
+            return Message(Error(code=SITE_DATA_ERROR, reason=str(e)), reply_to=msg)
+
+    return wrapper
+
+
+def _config(**values) -> ConfigRecord:
+    return ConfigRecord(values)
+
+
+@app.query("genes")
+@site_handler
+def genes(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
+    """Setup 1: the gene names the site measured."""
+    from scfedvi.data.harmonize import site_genes
+
+    adata = node.read(app_.batch_key)
+    names = list(site_genes(adata, site=node.site))
+    return RecordDict({m.CONFIG: _config(**{m.SITE: node.site, "genes": names})})
+
+
+@app.query("summary")
+@site_handler
+def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
+    """Setup 2: per-batch, per-gene summaries over the server's gene universe."""
+    from scfedvi.data.harmonize import site_summary
+
+    universe = tuple(str(g) for g in msg.content[m.CONFIG]["genes"])  # type: ignore[union-attr]
+    clips = None
+    if m.STATS in msg.content:
+        clips = {b: v.tolist() for b, v in m.record_to_params(msg.content[m.STATS]).items()}
+    s = site_summary(
+        node.read(app_.batch_key),
+        site=node.site,
+        batch_key=app_.batch_key,
+        genes=universe,
+        layer=node.layer_or(app_.layer),
+        label_key=app_.label_key or None,
+        clip_values=clips,
+    )
+    cfg_rec, arrays = m.summary_to_records(s)
+    return RecordDict({m.CONFIG: cfg_rec, m.STATS: arrays})
+
+
+@app.query("schema")
+@site_handler
+def schema(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
+    """Setup 3: check that the site's data fits the schema, and keep the schema."""
+    from scfedvi.data.schema import FederationSchema
+
+    c = msg.content[m.CONFIG]
+    sch = FederationSchema.from_json(str(c["schema"]))
+    if sch.hash != c[SCHEMA_HASH]:
+        raise SchemaMismatchError(f"site {node.site!r}: the schema does not match its hash")
+    node.project(sch, cfg.train.batch_size)  # raises a SiteDataError naming the field and fix
+    node.save_schema(sch)
+    return RecordDict({m.CONFIG: _config(**{m.SITE: node.site, SCHEMA_HASH: sch.hash})})
+
+
+def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
+    from scfedvi.federation.site import SiteWorker
+    from scfedvi.train.local import SiteTensors
+
+    c = msg.content[m.CONFIG]
+    sch = node.load_schema(str(c[SCHEMA_HASH]))
+    adata, sd = node.project(sch, cfg.train.batch_size)
+    tensors = SiteTensors(sd.X, sd.batch_index)
+    return SiteWorker(node.site, tensors, sch.n_genes, sch.n_batches, cfg), adata, sd, sch
+
+
+@app.train()
+@site_handler
+def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
+    """One round: train from the global parameters, keep the private state, send the update."""
+    worker, _, _, sch = _worker(msg, node, cfg)
+    r = int(msg.content[m.CONFIG][m.ROUND])  # type: ignore[arg-type]
+    if r > 0:
+        prev = node.state_path(r - 1)
+        if prev.exists():
+            worker.load_state(prev)
+        else:
+            log.warning("site %r: no state of round %d in %s; fresh state", node.site, r - 1, prev)
+    control = msg.content.get(m.CONTROL)
+    upd = worker.fit(
+        m.record_to_params(msg.content[m.ARRAYS]),
+        r,
+        None if control is None else m.record_to_params(control),
+    )
+    worker.save_state(node.state_path(r))
+    node.prune_states(keep_from=r - 1)  # a restarted round r reloads the state of r - 1
+    rd = RecordDict(
+        {
+            m.ARRAYS: m.params_to_record(upd.params),
+            m.METRICS: m.metrics_to_record(upd.metrics, upd.num_examples),
+            m.CONFIG: m.round_config(
+                sch.hash,
+                r,
+                **{m.SITE: node.site, m.BATCH_COUNTS: m.batch_counts_to_list(upd.batch_counts)},
+            ),
+        }
+    )
+    if upd.control_delta is not None:
+        rd[m.CONTROL] = m.params_to_record(upd.control_delta)
+    return rd
+
+
+@app.query("embed")
+@site_handler
+def embed(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
+    """Embed the site's cells with the global model; write them locally, send only a count."""
+    worker, adata, sd, sch = _worker(msg, node, cfg)
+    z = worker.embed(m.record_to_params(msg.content[m.ARRAYS]))
+    full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
+    full[adata.obs_names.get_indexer(sd.obs_names)] = z  # cells without counts stay NaN
+    adata.obsm[LATENT_KEY] = full
+    adata.uns["scfedvi"] = {"schema_hash": sch.hash, "site": node.site}
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = node.embedded_path.with_suffix(".tmp.h5ad")
+    adata.write_h5ad(tmp)
+    tmp.replace(node.embedded_path)
+    c = {m.SITE: node.site, SCHEMA_HASH: sch.hash, m.N_EMBEDDED: int(z.shape[0])}
+    return RecordDict({m.CONFIG: _config(**c)})

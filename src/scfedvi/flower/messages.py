@@ -1,0 +1,105 @@
+"""Conversions between the core's types and Flower records; the protocol's names.
+
+Parameters travel as ``dict[str, numpy.ndarray]`` in the core and as :class:`ArrayRecord` on
+the wire; metrics as :class:`MetricRecord`; everything else (schema hash, round, gene names,
+counts) as :class:`ConfigRecord`. Nothing here knows the algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from scfedvi._constants import NUM_EXAMPLES, SCHEMA_HASH
+from scfedvi.data.harmonize import BATCH_FIELDS, SiteSummary
+
+#: Message types (``<category>.<action>``) of the protocol, in the order they are used.
+GENES = "query.genes"  # setup 1: the site's gene names
+SUMMARY = "query.summary"  # setup 2: per-batch, per-gene summaries over the universe
+SCHEMA = "query.schema"  # setup 3: the schema; the site checks that its data fits
+TRAIN = "train"  # one round of local training
+EMBED = "query.embed"  # final: the site embeds its cells locally, returns a count
+
+#: Record names inside a message's content.
+ARRAYS, CONTROL, CONFIG, METRICS, STATS = "arrays", "control", "config", "metrics", "stats"
+
+ROUND = "round"
+SITE = "site"
+BATCH_COUNTS = "batch-counts"  # list of [index, count] flattened: [i0, n0, i1, n1, ...]
+N_EMBEDDED = "n-embedded"
+
+
+def params_to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """``dict[str, ndarray]`` -> :class:`ArrayRecord` (names and order kept)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+def record_to_params(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """:class:`ArrayRecord` -> ``dict[str, ndarray]``."""
+    return {k: np.asarray(a.numpy()) for k, a in record.items()}
+
+
+def metrics_to_record(metrics: Mapping[str, float], num_examples: int) -> MetricRecord:
+    """Scalar metrics plus ``num-examples`` (the weight of the site's update)."""
+    out: dict[str, float | int] = {k: float(v) for k, v in metrics.items()}
+    out[NUM_EXAMPLES] = int(num_examples)
+    return MetricRecord(out)
+
+
+def record_to_metrics(record: MetricRecord) -> tuple[dict[str, float], int]:
+    """Inverse of :func:`metrics_to_record`: ``(metrics, num_examples)``."""
+    d = dict(record)
+    n = int(d.pop(NUM_EXAMPLES))
+    return {k: float(v) for k, v in d.items()}, n  # type: ignore[arg-type]
+
+
+def batch_counts_to_list(counts: Mapping[int, int]) -> list[int]:
+    return [int(x) for b, n in sorted(counts.items()) for x in (b, n)]
+
+
+def list_to_batch_counts(values: list[int]) -> dict[int, int]:
+    return {int(values[i]): int(values[i + 1]) for i in range(0, len(values), 2)}
+
+
+def round_config(schema_hash: str, round_idx: int, **extra: str | int | float) -> ConfigRecord:
+    """What every message from the server carries: the schema hash and the round index."""
+    return ConfigRecord({SCHEMA_HASH: schema_hash, ROUND: int(round_idx), **extra})
+
+
+# -- harmonization summaries -----------------------------------------------------------------
+def summary_to_records(s: SiteSummary) -> tuple[ConfigRecord, ArrayRecord]:
+    """A :class:`SiteSummary` as (names and counts, per-batch per-gene vectors).
+
+    Batch ``i`` (in ``batches`` order) has arrays ``"<i>/<field>"``; the gene names are not
+    repeated (they are the universe the server sent).
+    """
+    batches = list(s.batch_counts)
+    cfg: dict = {SITE: s.site, "batches": batches, "counts": [s.batch_counts[b] for b in batches]}
+    if s.labels is not None:
+        cfg["labels"] = list(s.labels)
+    arrays = {
+        f"{i}/{f}": np.asarray(s.stats[b][f], dtype=np.float64)
+        for i, b in enumerate(batches)
+        for f in BATCH_FIELDS
+    }
+    return ConfigRecord(cfg), params_to_record(arrays)
+
+
+def records_to_summary(
+    cfg: ConfigRecord, arrays: ArrayRecord, genes: tuple[str, ...]
+) -> SiteSummary:
+    """Inverse of :func:`summary_to_records` given the universe ``genes``."""
+    batches = [str(b) for b in cfg["batches"]]  # type: ignore[union-attr]
+    counts = [int(n) for n in cfg["counts"]]  # type: ignore[union-attr]
+    p = record_to_params(arrays)
+    stats = {b: {f: p[f"{i}/{f}"] for f in BATCH_FIELDS} for i, b in enumerate(batches)}
+    labels = cfg.get("labels")
+    return SiteSummary(
+        site=str(cfg[SITE]),
+        genes=genes,
+        batch_counts=dict(zip(batches, counts, strict=True)),
+        stats=stats,
+        labels=None if labels is None else tuple(str(x) for x in labels),  # type: ignore[union-attr]
+    )

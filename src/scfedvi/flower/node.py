@@ -1,0 +1,173 @@
+"""A site's side, free of Flower messages: its settings, data and private files.
+
+A SuperNode names its site and data in its node config::
+
+    flower-supernode ... --node-config "site='lab-a' data-path='/data/lab_a.h5ad'
+                                        state-dir='/data/scfedvi-state' batch-key='tech'"
+
+``batch-key`` and ``layer`` are optional: the site's own column and layer names when they
+differ from the federation's. Under the simulation engine a node has only a
+``partition-id``; the run config's ``sim-data-dir`` then holds one ``<site>.h5ad`` per node.
+
+Every file a site writes stays in its ``state-dir``: the schema it agreed to, its private
+training state per round (normalization statistics, optimizer moments, control variates)
+and its embedded cells.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scfedvi.data.errors import SchemaMismatchError, SiteDataError
+from scfedvi.flower.settings import AppSettings
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from scfedvi.data.schema import FederationSchema, SiteData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Where a site's data and private files are.
+
+    Parameters
+    ----------
+    site
+        The site's name (the same as in the in-process runtime: seeds depend on it).
+    data_path
+        The site's ``.h5ad`` of raw counts.
+    state_dir
+        Folder for the site's private files (default: ``scfedvi-state`` beside the data).
+    batch_key, layer
+        The site's own batch column and raw-count layer, if they differ from the run's.
+    """
+
+    site: str
+    data_path: Path
+    state_dir: Path
+    batch_key: str = ""
+    layer: str = ""
+
+    @classmethod
+    def from_configs(
+        cls, node_config: Mapping[str, Any], app: AppSettings, out_dir: Path | None = None
+    ) -> NodeSettings:
+        """Read the node config (deployment) or the partition (simulation)."""
+        if "data-path" in node_config:
+            data = Path(str(node_config["data-path"])).expanduser().resolve()
+            site = str(node_config.get("site", "")) or data.stem
+            default_state = data.parent / "scfedvi-state"
+        elif "partition-id" in node_config and app.sim_data_dir:
+            files = sorted(Path(app.sim_data_dir).expanduser().glob("*.h5ad"))
+            pid = int(node_config["partition-id"])  # type: ignore[arg-type]
+            if pid >= len(files):
+                raise SiteDataError(
+                    f"partition {pid}: sim-data-dir {app.sim_data_dir} has {len(files)} .h5ad "
+                    "files; give one file per simulated node"
+                )
+            data, site = files[pid].resolve(), files[pid].stem
+            default_state = Path(app.sim_state_dir or (out_dir or app.out_path) / "sites")
+        else:
+            raise SiteDataError(
+                "this SuperNode has no data: start it with --node-config "
+                "\"site='NAME' data-path='/path/site.h5ad'\" (or set sim-data-dir in the run "
+                "config for the simulation engine)"
+            )
+        state = node_config.get("state-dir") or default_state
+        return cls(
+            site=site,
+            data_path=data,
+            state_dir=Path(str(state)).expanduser().resolve(),
+            batch_key=str(node_config.get("batch-key", "")),
+            layer=str(node_config.get("layer", "")),
+        )
+
+    # -- files in the site's state folder ----------------------------------------------------
+    @property
+    def schema_path(self) -> Path:
+        return self.state_dir / f"{self.site}.schema.json"
+
+    def state_path(self, round_idx: int) -> Path:
+        return self.state_dir / f"{self.site}.round{round_idx:05d}.pt"
+
+    @property
+    def embedded_path(self) -> Path:
+        return self.state_dir / f"{self.site}.embedded.h5ad"
+
+    # -- data --------------------------------------------------------------------------------
+    def read(self, batch_key: str) -> AnnData:
+        """The site's AnnData, with its batch column under the federation's ``batch_key``."""
+        import anndata as ad
+
+        if not self.data_path.exists():
+            raise SiteDataError(
+                f"site {self.site!r}: data-path {self.data_path} does not exist; fix the "
+                "SuperNode's --node-config data-path"
+            )
+        adata = ad.read_h5ad(self.data_path)
+        if self.batch_key and self.batch_key != batch_key:
+            if self.batch_key not in adata.obs:
+                raise SiteDataError(
+                    f"site {self.site!r}: obs[{self.batch_key!r}] (node config batch-key) is "
+                    f"missing; columns: {list(adata.obs.columns)}"
+                )
+            adata.obs[batch_key] = adata.obs[self.batch_key]
+        return adata
+
+    def layer_or(self, run_layer: str | None) -> str | None:
+        return self.layer or run_layer or None
+
+    def project(self, schema: FederationSchema, batch_size: int) -> tuple[AnnData, SiteData]:
+        """Read the data and project it onto ``schema`` (validates it)."""
+        from scfedvi.data.schema import project
+
+        adata = self.read(schema.batch_key)
+        sd = project(
+            adata,
+            schema,
+            site=self.site,
+            layer=self.layer_or(schema.layer),
+            batch_size=batch_size,
+        )
+        return adata, sd
+
+    # -- the schema the site agreed to -------------------------------------------------------
+    def save_schema(self, schema: FederationSchema) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        schema.save(self.schema_path)
+
+    def load_schema(self, expected_hash: str) -> FederationSchema:
+        """The stored schema; a clear error if there is none or its hash differs."""
+        from scfedvi.data.schema import FederationSchema
+
+        if not self.schema_path.exists():
+            raise SchemaMismatchError(
+                f"site {self.site!r}: no federation schema in {self.state_dir}; the server "
+                "must run the setup round (query.schema) with this site before training"
+            )
+        schema = FederationSchema.load(self.schema_path)
+        if schema.hash != expected_hash:
+            raise SchemaMismatchError(
+                f"site {self.site!r}: schema hash mismatch: the server's message carries "
+                f"{expected_hash[:16]}, this site agreed to {schema.hash[:16]} "
+                f"({self.schema_path}); restart the run's setup round so every site gets "
+                "the same schema, or point the site at the right state-dir"
+            )
+        return schema
+
+    def prune_states(self, keep_from: int) -> None:
+        """Delete round states older than ``keep_from`` (a restarted round reloads its own)."""
+        for p in self.state_dir.glob(f"{self.site}.round*.pt"):
+            try:
+                r = int(p.stem.rsplit("round", 1)[1])
+            except ValueError:
+                continue
+            if r < keep_from:
+                p.unlink(missing_ok=True)

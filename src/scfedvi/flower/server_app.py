@@ -1,0 +1,181 @@
+"""The coordinator as a Flower ServerApp: setup round, training rounds, final embedding.
+
+The algorithm is :class:`~scfedvi.federation.coordinator.Coordinator`'s; this file only moves
+its parameters to the sites and their updates back. Everything the server writes goes to
+``out-dir``: ``schema.json``, ``checkpoint/`` (after every round: a restarted ServerApp with
+the same run config resumes there), ``model/`` (the format of :meth:`ScFedVI.save`),
+``history.csv`` and ``result.json`` (``status``: ``running``, ``completed`` or ``failed``;
+``flwr run`` itself does not report a failed run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from flwr.app import Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from scfedvi._constants import SCHEMA_HASH
+from scfedvi.config import RunConfig
+from scfedvi.data.schema import FederationSchema
+from scfedvi.federation.aggregate import SiteUpdate
+from scfedvi.federation.coordinator import CHECKPOINT, Coordinator
+from scfedvi.flower import messages as m
+from scfedvi.flower.exchange import Exchange
+from scfedvi.flower.settings import AppSettings, run_config_from_flower
+from scfedvi.flower.setup import Federation, setup
+
+log = logging.getLogger(__name__)
+RESULT_FILE, SCHEMA_FILE, CHECKPOINT_DIR, MODEL_DIR, HISTORY_FILE = (
+    "result.json",
+    "schema.json",
+    "checkpoint",
+    "model",
+    "history.csv",
+)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation; write ``result.json`` whatever happens."""
+    logging.basicConfig(level=logging.INFO)
+    cfg, settings = run_config_from_flower(context.run_config)
+    out = settings.out_path
+    out.mkdir(parents=True, exist_ok=True)
+    write_result(out, {"status": "running", "run_id": int(context.run_id)})
+    try:
+        result = run_federation(grid, cfg, settings)
+    except Exception as e:
+        write_result(out, {"status": "failed", "run_id": int(context.run_id), "error": f"{e}"})
+        raise
+    write_result(out, {"status": "completed", "run_id": int(context.run_id), **result})
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    tmp = out / f"{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    tmp.replace(out / RESULT_FILE)
+
+
+def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, Any]:
+    """Setup, rounds ``coordinator.round .. num-server-rounds - 1``, embedding, outputs."""
+    out = app.out_path
+    ex = Exchange(grid, Path(app.payload_log).expanduser() if app.payload_log else None)
+    min_sites = cfg.federation.min_sites
+    resume = (out / CHECKPOINT_DIR / f"{CHECKPOINT}.json").exists()
+    schema = FederationSchema.load(out / SCHEMA_FILE) if resume else None
+    if schema is not None:
+        log.info("resuming with the schema and checkpoint in %s", out)
+    fed = setup(ex, app, min_sites, schema)
+    fed.schema.save(out / SCHEMA_FILE)
+    coord = Coordinator(
+        fed.schema.n_genes,
+        fed.schema.n_batches,
+        cfg,
+        schema_hash=fed.schema.hash,
+        checkpoint_dir=out / CHECKPOINT_DIR,
+    )
+    start = coord.round if coord.load_checkpoint(out / CHECKPOINT_DIR) else 0
+    seconds, dropped = [], []
+    for r in range(coord.round, cfg.federation.n_rounds):
+        t0 = time.perf_counter()
+        updates, failed = train_round(ex, coord, fed, r, app.round_timeout)
+        dropped += [{"round": r, "site": s, "reason": why} for s, why in failed.items()]
+        coord.aggregate(updates, dropped=sorted(failed))
+        seconds.append(time.perf_counter() - t0)
+        log.info("round %d: %d sites, %.1f s", r, len(updates), seconds[-1])
+    embedded = embed(ex, coord, fed, app.setup_timeout)
+    history = pd.DataFrame(coord.history)
+    save_model(out / MODEL_DIR, fed.schema, cfg, app, coord, history)
+    history.to_csv(out / HISTORY_FILE, index=False)
+    return {
+        "rounds": coord.round,
+        "resumed_from_round": start,
+        "schema_hash": fed.schema.hash,
+        "sites": sorted(fed.sites.values()),
+        "dropped": dropped,
+        "embedded": embedded,
+        "seconds_per_round": seconds,
+    }
+
+
+def _content(coord: Coordinator, schema_hash: str, r: int) -> RecordDict:
+    params, control = coord.broadcast()
+    rd = RecordDict(
+        {m.ARRAYS: m.params_to_record(params), m.CONFIG: m.round_config(schema_hash, r)}
+    )
+    if control is not None:
+        rd[m.CONTROL] = m.params_to_record(control)
+    return rd
+
+
+def train_round(
+    ex: Exchange, coord: Coordinator, fed: Federation, r: int, timeout: float
+) -> tuple[list[SiteUpdate], dict[str, str]]:
+    """One round at the sites: their updates (sorted by site) and ``{site: why}`` failures."""
+    online = ex.online()
+    failed = {s: "not connected" for n, s in fed.sites.items() if n not in online}
+    targets = {n: _content(coord, fed.schema.hash, r) for n in fed.sites if n in online}
+    res = ex.ask(targets, m.TRAIN, timeout, group_id=str(r))
+    updates = []
+    for node, reply in res.ok.items():
+        site = fed.sites[node]
+        c = reply.content[m.CONFIG]
+        if c.get(SCHEMA_HASH) != fed.schema.hash or int(c.get(m.ROUND, -1)) != r:  # type: ignore[arg-type]
+            failed[site] = f"reply for schema {c.get(SCHEMA_HASH)!r} round {c.get(m.ROUND)!r}"
+            continue
+        metrics, n = m.record_to_metrics(reply.content[m.METRICS])
+        control = reply.content.get(m.CONTROL)
+        updates.append(
+            SiteUpdate(
+                site=site,
+                params=m.record_to_params(reply.content[m.ARRAYS]),
+                num_examples=n,
+                batch_counts=m.list_to_batch_counts(list(c[m.BATCH_COUNTS])),  # type: ignore[arg-type]
+                metrics=metrics,
+                control_delta=None if control is None else m.record_to_params(control),
+            )
+        )
+    for node, why in res.failed.items():
+        failed[fed.sites[node]] = why
+        log.warning("round %d: site %r dropped: %s", r, fed.sites[node], why)
+    return sorted(updates, key=lambda u: u.site), failed
+
+
+def embed(ex: Exchange, coord: Coordinator, fed: Federation, timeout: float) -> dict[str, Any]:
+    """Each site embeds its own cells with the global model; returns ``{site: count}``."""
+    online = ex.online()
+    targets = {n: _content(coord, fed.schema.hash, coord.round) for n in fed.sites if n in online}
+    res = ex.ask(targets, m.EMBED, timeout)
+    out: dict[str, Any] = {
+        fed.sites[n]: int(r.content[m.CONFIG][m.N_EMBEDDED])  # type: ignore[arg-type]
+        for n, r in res.ok.items()
+    }
+    for n, why in res.failed.items():
+        log.warning("embedding: site %r failed: %s", fed.sites[n], why)
+        out[fed.sites[n]] = f"failed: {why}"
+    return out
+
+
+def save_model(
+    directory: Path,
+    schema: FederationSchema,
+    cfg: RunConfig,
+    app: AppSettings,
+    coord: Coordinator,
+    history: pd.DataFrame,
+) -> None:
+    """The global model in :meth:`scfedvi.model.ScFedVI.save`'s format."""
+    from scfedvi.model import ScFedVI
+
+    model = ScFedVI(schema, cfg, layer=app.layer or None)
+    model.params = coord.params
+    model.history = history
+    model.save(directory, overwrite=True)

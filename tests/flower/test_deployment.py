@@ -1,0 +1,106 @@
+"""The deployment engine: SuperLink + three SuperNodes on loopback, ``flwr run``.
+
+One run gives the same global model as the in-process runtime for the same seeds, writes
+each site's embedding at the site, and every reply the server received fits the list of
+what may leave a site (checked from the server's payload log).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import SITES, SiteFiles, flower_run_config
+from flower_harness import Cluster, wait_result
+
+from scfedvi._constants import LATENT_KEY
+from scfedvi.flower.settings import write_app_dir
+from scfedvi.model import ScFedVI
+
+pytestmark = pytest.mark.flower
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = Cluster(tmp_path)
+    yield c
+    c.stop_all()
+
+
+def start_sites(cluster: Cluster, site_files: SiteFiles) -> None:
+    for site in SITES:
+        cluster.start_supernode(site, site_files.paths[site])
+
+
+def check_model(out: Path, in_process: tuple[str, dict[str, np.ndarray]]) -> None:
+    schema_hash, params = in_process
+    model = ScFedVI.load(out / "model")
+    assert model.schema.hash == schema_hash  # federated harmonization = in-process
+    assert set(model.params) == set(params)
+    for k, v in params.items():
+        np.testing.assert_allclose(model.params[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_deployment_equals_in_process(cluster, site_files, in_process, tmp_path):
+    out = tmp_path / "server-out"
+    payloads = tmp_path / "payloads.jsonl"
+    cluster.start_superlink()
+    start_sites(cluster, site_files)
+    app_dir = write_app_dir(tmp_path / "app")
+    run_id = cluster.run_app(app_dir, flower_run_config(out, **{"payload-log": str(payloads)}))
+    result = wait_result(cluster, out, run_id, timeout=240)
+    assert result["status"] == "completed", f"{result}\n{cluster.logs()}"
+    assert result["rounds"] == 2 and result["sites"] == list(SITES)
+    assert result["embedded"] == site_files.n_cells
+    check_model(out, in_process)
+
+    history = pd.read_csv(out / "history.csv")
+    assert set(history["status"]) == {"ok"} and len(history) == 2 * len(SITES)
+    for site in SITES:  # the embedding stays at the site
+        emb = ad.read_h5ad(tmp_path / "sites" / f"{site}.embedded.h5ad")
+        assert emb.obsm[LATENT_KEY].shape == (site_files.n_cells[site], 10)
+        assert np.isfinite(emb.obsm[LATENT_KEY]).all()
+    check_payloads(payloads, site_files, ScFedVI.load(out / "model").params)
+
+
+#: What a reply may carry, by record: (record kind, allowed item names or None for any).
+SETUP_CONFIG = {"site", "genes", "batches", "counts", "labels", "schema-hash"}
+ROUND_CONFIG = {"site", "schema-hash", "round", "batch-counts", "n-embedded"}
+
+
+def check_payloads(path: Path, site_files: SiteFiles, shared: dict[str, np.ndarray]) -> None:
+    """Every reply fits the whitelist; nothing has a cell dimension."""
+    replies = [json.loads(line) for line in path.read_text().splitlines()]
+    n_cells = set(site_files.n_cells.values())
+    types = {r["type"] for r in replies}
+    assert types == {"query.genes", "query.summary", "query.schema", "train", "query.embed"}
+    assert not [r for r in replies if "error" in r]
+    for r in replies:
+        for name, rec in r["records"].items():
+            items = rec["items"]
+            if rec["kind"] == "array":
+                for key, a in items.items():
+                    assert not (a["shape"] and a["shape"][0] in n_cells), (r["type"], key, a)
+                    if name == "arrays":  # the model's shared parameters, as named and shaped
+                        assert r["type"] == "train"
+                        assert list(shared[key].shape) == a["shape"], key
+                    else:  # per-batch, per-gene summaries of the setup round
+                        assert (r["type"], name) == ("query.summary", "stats"), key
+                        assert len(a["shape"]) == 1 and a["dtype"] == "float64"
+                if name == "arrays":
+                    assert set(items) == set(shared)
+            elif rec["kind"] == "metric":
+                assert name == "metrics" and r["type"] == "train"
+                assert "num-examples" in items
+                assert all(v["type"] in ("int", "float") for v in items.values())
+            else:
+                assert rec["kind"] == "config" and name == "config"
+                allowed = SETUP_CONFIG if r["type"].startswith("query.") else ROUND_CONFIG
+                assert set(items) <= allowed | ROUND_CONFIG, (r["type"], set(items))
+                for key, v in items.items():
+                    if v["type"].startswith("list") and key != "genes":
+                        assert v["len"] not in n_cells, (r["type"], key)
