@@ -156,8 +156,10 @@ class Cluster:
             str(key),
         ]
 
-    def start_superlink(self, database: Path | None = None) -> Proc:
+    def start_superlink(self, database: Path | None = None, simulation: bool = False) -> Proc:
         cmd = [str(BIN / "flower-superlink"), *self.security_args(), "--port", str(self.port)]
+        if simulation:
+            cmd.append("--simulation")
         if self.auth:
             cmd.append("--enable-supernode-auth")
         if database is not None:
@@ -187,10 +189,11 @@ class Cluster:
             timeout=timeout,
         )
 
-    def run_app(self, app_dir: Path, run_config: dict[str, object]) -> int:
-        """``flwr run``; returns the run ID."""
+    def run_app(self, app_dir: Path, run_config: dict[str, object], *extra: str) -> int:
+        """``flwr run`` (``extra``: more options); returns the run ID."""
         overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
-        res = self.flwr("run", str(app_dir), "test", "--run-config", overrides, "--format", "json")
+        args = ["run", str(app_dir), "test", "--run-config", overrides, "--format", "json"]
+        res = self.flwr(*args, *extra)
         if res.returncode != 0:
             raise RuntimeError(f"flwr run failed: {res.stdout}\n{res.stderr}\n{self.logs()}")
         return int(json.loads(res.stdout[res.stdout.index("{") :])["run-id"])
@@ -207,8 +210,24 @@ class Cluster:
         return "\n".join(p.tail(n) for p in self.procs)
 
     def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
+        """Stop every process of the cluster (and their children) by PID, all at once."""
+        running = [p for p in self.procs if p.popen.poll() is None]
+        family = {pid for p in running for pid in descendants(p.pid)}
+        for p in running:
+            _signal(p.pid, signal.SIGTERM)
+        end = time.monotonic() + 10
+        for p in running:
+            try:
+                p.popen.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(p.pid, signal.SIGKILL)
+                p.popen.wait(5)
+        end = time.monotonic() + 3
+        while any(_alive(pid) for pid in family) and time.monotonic() < end:
+            time.sleep(0.1)
+        for pid in family:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
 
 
 def _toml(v: object) -> str:

@@ -14,35 +14,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SITES, SiteFiles, flower_run_config
-from flower_harness import Cluster, wait_result
+from flower_harness import wait_result
+from flower_sites import SITES, SiteFiles, check_model, flower_run_config, start_sites
 
 from scfedvi._constants import LATENT_KEY
 from scfedvi.flower.settings import write_app_dir
 from scfedvi.model import ScFedVI
 
 pytestmark = pytest.mark.flower
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):
-    c = Cluster(tmp_path)
-    yield c
-    c.stop_all()
-
-
-def start_sites(cluster: Cluster, site_files: SiteFiles) -> None:
-    for site in SITES:
-        cluster.start_supernode(site, site_files.paths[site])
-
-
-def check_model(out: Path, in_process: tuple[str, dict[str, np.ndarray]]) -> None:
-    schema_hash, params = in_process
-    model = ScFedVI.load(out / "model")
-    assert model.schema.hash == schema_hash  # federated harmonization = in-process
-    assert set(model.params) == set(params)
-    for k, v in params.items():
-        np.testing.assert_allclose(model.params[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def test_deployment_equals_in_process(cluster, site_files, in_process, tmp_path):

@@ -91,7 +91,8 @@ def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, An
         coord.aggregate(updates, dropped=sorted(failed))
         seconds.append(time.perf_counter() - t0)
         log.info("round %d: %d sites, %.1f s", r, len(updates), seconds[-1])
-    embedded = embed(ex, coord, fed, app.setup_timeout)
+    last = {d["site"] for d in dropped if d["round"] == coord.round - 1}
+    embedded = embed(ex, coord, fed, app.round_timeout, skip=last)
     history = pd.DataFrame(coord.history)
     save_model(out / MODEL_DIR, fed.schema, cfg, app, coord, history)
     history.to_csv(out / HISTORY_FILE, index=False)
@@ -149,10 +150,20 @@ def train_round(
     return sorted(updates, key=lambda u: u.site), failed
 
 
-def embed(ex: Exchange, coord: Coordinator, fed: Federation, timeout: float) -> dict[str, Any]:
-    """Each site embeds its own cells with the global model; returns ``{site: count}``."""
+def embed(
+    ex: Exchange, coord: Coordinator, fed: Federation, timeout: float, skip: set[str]
+) -> dict[str, Any]:
+    """Each site embeds its own cells with the global model; returns ``{site: count}``.
+
+    Sites in ``skip`` (those that dropped out of the last round) are not asked; they can
+    embed later from the saved model (``scfedvi embed --model OUT/model ...``).
+    """
     online = ex.online()
-    targets = {n: _content(coord, fed.schema.hash, coord.round) for n in fed.sites if n in online}
+    targets = {
+        n: _content(coord, fed.schema.hash, coord.round)
+        for n, s in fed.sites.items()
+        if n in online and s not in skip
+    }
     res = ex.ask(targets, m.EMBED, timeout)
     out: dict[str, Any] = {
         fed.sites[n]: int(r.content[m.CONFIG][m.N_EMBEDDED])  # type: ignore[arg-type]
@@ -161,6 +172,7 @@ def embed(ex: Exchange, coord: Coordinator, fed: Federation, timeout: float) -> 
     for n, why in res.failed.items():
         log.warning("embedding: site %r failed: %s", fed.sites[n], why)
         out[fed.sites[n]] = f"failed: {why}"
+    out.update({s: "skipped: dropped out of the last round" for s in skip})
     return out
 
 
