@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="average batch-specific weights over all sites (plain FedAvg)",
     )
+    a.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_run_options(t)
 

@@ -82,7 +82,11 @@ def train(args: argparse.Namespace) -> int:
         fed = replace(fed, norm_stats=args.norm_stats)
     if args.no_batch_owned:
         fed = replace(fed, batch_owned=False)
-    tr = replace(cfg.train, local_epochs=args.local_epochs or cfg.train.local_epochs)
+    tr = replace(
+        cfg.train,
+        local_epochs=args.local_epochs or cfg.train.local_epochs,
+        batch_size=args.batch_size,
+    )
     cfg = replace(cfg, federation=fed, train=tr)
     if "__one__" in sites:
         model = ScFedVI.from_sites(

@@ -22,7 +22,7 @@ from scfedvi.train.local import (
     calibrate_norm_stats,
     embed,
     local_update,
-    site_seed,
+    round_seed,
 )
 from scfedvi.train.params import Params, set_state
 
@@ -48,7 +48,7 @@ class SiteWorker:
         self, global_params: Params, round_idx: int, control: Params | None = None
     ) -> SiteUpdate:
         """Local update for one round."""
-        seed = site_seed(self.config.federation.seed, round_idx, self.name)
+        seed = round_seed(self.config.federation.seed, round_idx)
         result, self.state = local_update(
             self.module,
             global_params,

@@ -7,7 +7,6 @@ scvi-tools' settings; the KL warm-up follows the federation's global epoch count
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import torch
 
 from scfedvi.config import ModelConfig, TrainConfig
 from scfedvi.module.vae import VAE
+from scfedvi.train.optim import Adam
 from scfedvi.train.params import Params, get_state, set_state, shared_keys
 
 
@@ -82,9 +82,13 @@ class LocalResult:
     control_delta: Params | None = None
 
 
-def site_seed(seed: int, round_idx: int, site: str) -> int:
-    """A seed for one site in one round, the same in every runtime."""
-    return (seed * 1_000_003 + round_idx * 9_176 + zlib.crc32(site.encode())) % (2**31 - 1)
+def round_seed(seed: int, round_idx: int) -> int:
+    """The seed of a local update in one round, the same in every runtime and at every site.
+
+    It does not depend on the site, so identical sites make identical updates (and a
+    federation of identical sites equals one site), and no runtime needs to agree on names.
+    """
+    return (seed * 1_000_003 + round_idx * 9_176 + 12_345) % (2**31 - 1)
 
 
 def kl_weight(epoch: float, n_epochs_kl_warmup: int | None) -> float:
@@ -98,9 +102,9 @@ def build_module(n_genes: int, n_batches: int, model: ModelConfig) -> VAE:
     return VAE(n_genes, n_batches, model)
 
 
-def make_optimizer(module: VAE, cfg: TrainConfig) -> torch.optim.Adam:
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+def make_optimizer(module: VAE, cfg: TrainConfig) -> Adam:
+    """Adam with scvi-tools' settings (lr 1e-3, eps 0.01, weight decay 1e-6 by default)."""
+    return Adam(module.named_parameters(), lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def local_update(
@@ -166,7 +170,7 @@ def local_update(
             if anchor is not None:
                 prox = sum(((p - anchor[k]) ** 2).sum() for k, p in named.items())
                 loss = loss + 0.5 * cfg.proximal_mu * prox
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             if correction is not None:
                 for k, p in named.items():

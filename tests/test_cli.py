@@ -1,0 +1,166 @@
+"""The command line: help, errors without tracebacks, a real run on files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from scfedvi.cli import main
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "train", "embed"):
+        assert cmd in out
+
+
+def test_console_script_help_runs_in_a_fresh_process():
+    r = subprocess.run(
+        [sys.executable, "-m", "scfedvi.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0 and "--site NAME=PATH" in r.stdout
+
+
+@pytest.fixture
+def site_files(tmp_path, small_adata):
+    a, b = small_adata[:120].copy(), small_adata[120:].copy()
+    pa, pb = tmp_path / "a.h5ad", tmp_path / "b.h5ad"
+    a.write_h5ad(pa)
+    b.write_h5ad(pb)
+    return pa, pb
+
+
+def test_train_and_embed_on_files(tmp_path, site_files, capsys):
+    pa, pb = site_files
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--site",
+            f"lab-a={pa}",
+            "--site",
+            f"lab-b={pb}",
+            "--batch-key",
+            "batch",
+            "--label-key",
+            "cell_type",
+            "--n-top-genes",
+            "0",
+            "--rounds",
+            "2",
+            "--batch-size",
+            "64",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    emb = ad.read_h5ad(out / "lab-a.h5ad")
+    assert emb.obsm["X_scFedVI"].shape == (120, 10)
+    assert (out / "model" / "model.npz").exists() and (out / "model" / "schema.json").exists()
+    assert (out / "history.csv").read_text().startswith("round,site")
+    # rerun without --overwrite refuses to replace outputs
+    rc = main(
+        [
+            "train",
+            "--site",
+            f"lab-a={pa}",
+            "--site",
+            f"lab-b={pb}",
+            "--batch-key",
+            "batch",
+            "--rounds",
+            "1",
+            "--batch-size",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    # embed a site with the saved model alone
+    rc = main(
+        [
+            "embed",
+            "--model",
+            str(out / "model"),
+            "--input",
+            str(pb),
+            "--out",
+            str(tmp_path / "b.emb.h5ad"),
+        ]
+    )
+    assert rc == 0
+    z = ad.read_h5ad(tmp_path / "b.emb.h5ad").obsm["X_scFedVI"]
+    np.testing.assert_allclose(
+        z, ad.read_h5ad(out / "lab-b.h5ad").obsm["X_scFedVI"], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_embed_refuses_to_overwrite_its_input(tmp_path, site_files, capsys):
+    pa, _ = site_files
+    rc = main(["embed", "--model", str(tmp_path), "--input", str(pa), "--out", str(pa)])
+    assert rc == 2 and "replace an input file" in capsys.readouterr().err
+
+
+def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path, small_adata, capsys):
+    bad = small_adata.copy()
+    bad.X = np.log1p(bad.X.toarray())  # log-normalized by mistake
+    p = tmp_path / "bad.h5ad"
+    bad.write_h5ad(p)
+    ok = tmp_path / "ok.h5ad"
+    small_adata.write_h5ad(ok)
+    rc = main(
+        [
+            "train",
+            "--site",
+            f"lab-bad={p}",
+            "--site",
+            f"lab-ok={ok}",
+            "--batch-key",
+            "batch",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "lab-bad" in err and "Traceback" not in err
+    rc = main(
+        ["train", "--site", f"lab-ok={ok}", "--batch-key", "tech", "--out", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and "tech" in err and "batch" in err
+    )  # names the missing column and the ones there
+
+
+def test_site_spec_errors(tmp_path, capsys):
+    assert main(["train", "--site", "nopath", "--batch-key", "b", "--out", str(tmp_path)]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--site",
+                f"a={tmp_path / 'missing.h5ad'}",
+                "--batch-key",
+                "b",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "no such file" in capsys.readouterr().err

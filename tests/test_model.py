@@ -1,0 +1,103 @@
+"""The user API: set up from sites, train, embed at a site, save, load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scfedvi import ScFedVI
+from scfedvi._constants import LATENT_KEY
+from scfedvi.config import FederationConfig, ModelConfig, RunConfig, TrainConfig
+from scfedvi.data.errors import SiteDataError
+
+FAST = RunConfig(
+    model=ModelConfig(n_hidden=32, n_latent=4),
+    train=TrainConfig(batch_size=32, n_epochs_kl_warmup=2),
+    federation=FederationConfig(n_rounds=2),
+)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from conftest import make_counts
+
+    adata = make_counts(240, 60)
+    adata.obs["lab"] = np.where(np.arange(adata.n_obs) < 120, "lab-a", "lab-b")
+    model = ScFedVI.from_sites(
+        adata,
+        split_key="lab",
+        batch_key="batch",
+        label_key="cell_type",
+        n_top_genes=40,
+        config=FAST,
+    )
+    model.train(progress=False)
+    return model
+
+
+def test_setup_fixes_a_schema_and_projects_each_site(trained):
+    assert set(trained.sites) == {"lab-a", "lab-b"}
+    assert trained.schema.n_genes == 40
+    assert trained.schema.batches == ("b0", "b1")
+    assert trained.schema.labels == ("t0", "t1", "t2")
+    assert "2 sites" in repr(trained) and "trained" in repr(trained)
+
+
+def test_history_has_a_row_per_site_and_round_with_bytes(trained):
+    h = trained.history
+    assert len(h) == 4 and set(h["round"]) == {0, 1}
+    assert (h["bytes_up"] > 0).all() and (h["bytes_down"] > 0).all()
+    assert np.isfinite(h["loss"]).all()
+
+
+def test_embedding_written_to_obsm(trained):
+    z = trained.get_latent_representation(site="lab-a")
+    assert z.shape == (120, 4) and np.isfinite(z).all()
+    assert trained.sites["lab-a"].obsm[LATENT_KEY] is z
+
+
+def test_saved_model_embeds_a_site_alone(trained, tmp_path):
+    trained.save(tmp_path / "m")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        trained.save(tmp_path / "m")
+    loaded = ScFedVI.load(tmp_path / "m")
+    site = trained.sites["lab-b"].copy()
+    z_loaded = loaded.get_latent_representation(site)
+    np.testing.assert_allclose(
+        z_loaded, trained.get_latent_representation(site="lab-b"), rtol=1e-5, atol=1e-5
+    )
+    assert LATENT_KEY in site.obsm
+    assert len(loaded.history) == len(trained.history)
+
+
+def test_site_with_genes_in_another_order_gets_the_same_embedding(trained):
+    site = trained.sites["lab-a"]
+    shuffled = site[:, site.var_names[::-1]].copy()
+    np.testing.assert_allclose(
+        trained.get_latent_representation(shuffled, write=False),
+        trained.get_latent_representation(site="lab-a", write=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_untrained_model_says_so(trained):
+    fresh = ScFedVI(trained.schema, FAST)
+    with pytest.raises(RuntimeError, match="not trained"):
+        fresh.get_latent_representation(trained.sites["lab-a"])
+    with pytest.raises(ValueError, match="no sites"):
+        fresh.train()
+
+
+def test_bad_site_data_names_the_site(small_adata):
+    bad = small_adata.copy()
+    bad.X = bad.X.astype(np.float32) * 0.5
+    with pytest.raises(SiteDataError, match="site 'lab-x'"):
+        ScFedVI.from_sites({"lab-x": bad, "lab-y": small_adata}, batch_key="batch", config=FAST)
+
+
+def test_split_key_errors_are_clear(small_adata):
+    with pytest.raises(ValueError, match="split_key"):
+        ScFedVI.from_sites(small_adata, batch_key="batch")
+    with pytest.raises(ValueError, match=r"obs\['nope'\] is missing"):
+        ScFedVI.from_sites(small_adata, split_key="nope", batch_key="batch")

@@ -1,0 +1,78 @@
+"""Every payload a site sends in process is recorded and checked against the whitelist."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scfedvi.config import FederationConfig, ModelConfig, RunConfig, TrainConfig
+from scfedvi.data.harmonize import gene_universe, site_genes, site_summary
+from scfedvi.federation.aggregate import SiteUpdate
+from scfedvi.federation.payload import PayloadViolation, check_summary, check_update
+from scfedvi.federation.site import SiteWorker
+from scfedvi.model import ScFedVI
+from scfedvi.module.vae import VAE
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"fed": {"norm_stats": "averaged", "batch_owned": False}},
+        {"train": {"scaffold": True}},
+    ],
+)
+def test_every_round_payload_is_whitelisted(small_adata, monkeypatch, variant):
+    cfg = RunConfig(
+        model=ModelConfig(n_hidden=16, n_latent=3),
+        train=TrainConfig(batch_size=32, **variant.get("train", {})),
+        federation=FederationConfig(n_rounds=2, **variant.get("fed", {})),
+    )
+    sites = {"a": small_adata[:100].copy(), "b": small_adata[100:].copy()}
+    model = ScFedVI.from_sites(sites, batch_key="batch", n_top_genes=None, config=cfg)
+    sent: list[SiteUpdate] = []
+    real_fit = SiteWorker.fit
+
+    def recording_fit(self, *a, **k):
+        upd = real_fit(self, *a, **k)
+        sent.append(upd)
+        return upd
+
+    monkeypatch.setattr(SiteWorker, "fit", recording_fit)
+    model.train(progress=False)
+    assert len(sent) == 4
+    shapes = {k: v.shape for k, v in model.params.items()}
+    ctrl = {
+        n: tuple(p.shape) for n, p in VAE(model.schema.n_genes, 2, cfg.model).named_parameters()
+    }
+    for upd in sent:
+        check_update(upd, shapes, control_shapes=ctrl)
+        n_cells = model._site_data[upd.site].n_cells
+        for k, v in upd.params.items():
+            assert n_cells not in np.shape(v), k  # no cell dimension
+    if cfg.federation.norm_stats == "local":
+        assert not any("running" in k for k in shapes)
+
+
+def test_harmonization_summaries_are_whitelisted(small_adata):
+    sites = {"a": small_adata[:100].copy(), "b": small_adata[100:].copy()}
+    genes = gene_universe([site_genes(a) for a in sites.values()])
+    for name, adata in sites.items():
+        d = site_summary(adata, site=name, batch_key="batch", genes=genes).to_dict()
+        check_summary(d, adata.n_obs, site=name)
+        text = str(d)
+        assert not any(c in text for c in adata.obs_names[:5])  # no cell names
+
+
+def test_the_checker_can_fail():
+    shapes = {"w": (2, 3)}
+    good = SiteUpdate("a", {"w": np.zeros((2, 3))}, 5, {0: 5}, {"loss": 1.0})
+    check_update(good, shapes)
+    with pytest.raises(PayloadViolation, match="shape"):
+        check_update(SiteUpdate("a", {"w": np.zeros((5, 3))}, 5, {0: 5}), shapes)
+    with pytest.raises(PayloadViolation, match="names differ"):
+        check_update(SiteUpdate("a", {"w": np.zeros((2, 3)), "z": np.zeros(5)}, 5, {0: 5}), shapes)
+    with pytest.raises(PayloadViolation, match="metric"):
+        check_update(SiteUpdate("a", {"w": np.zeros((2, 3))}, 5, {0: 5}, {"cell_ids": 3.0}), shapes)
+    with pytest.raises(PayloadViolation, match="one entry per cell"):
+        check_summary({"per_cell": list(range(7))}, 7)
