@@ -21,9 +21,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, TrainConfig
-    from scfedvi.data.schema import FederationSchema
-    from scfedvi.model import ScFedVI
+    from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, TrainConfig  # noqa: F401
+    from scfedvi.data.schema import FederationSchema  # noqa: F401
+    from scfedvi.model import ScFedVI  # noqa: F401
 
 __all__ = [*_LAZY, "__version__"]
 
