@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,19 @@ class Replies:
 
 
 def describe(msg: Message) -> dict[str, Any]:
-    """What a reply carries, without its values (arrays: dtype and shape; scalars: type)."""
+    """What a reply carries, without its values (see :func:`describe_content`)."""
     out: dict[str, Any] = {"type": msg.metadata.message_type, "node": msg.metadata.src_node_id}
     if msg.has_error():
         out["error"] = msg.error.reason
-        return out
+    else:
+        out["records"] = describe_content(msg.content)
+    return out
+
+
+def describe_content(content: RecordDict) -> dict[str, Any]:
+    """Record names and kinds; arrays' dtypes and shapes; scalars' types (no values)."""
     records: dict[str, Any] = {}
-    for name, rec in msg.content.items():
+    for name, rec in content.items():
         if isinstance(rec, ArrayRecord):
             items = {k: {"dtype": a.dtype, "shape": list(a.shape)} for k, a in rec.items()}
             records[name] = {"kind": "array", "items": items}
@@ -47,8 +53,7 @@ def describe(msg: Message) -> dict[str, Any]:
             records[name] = {"kind": kind, "items": {k: _scalar(v) for k, v in rec.items()}}
         else:  # pragma: no cover - RecordDict holds only the three record types
             records[name] = {"kind": type(rec).__name__}
-    out["records"] = records
-    return out
+    return records
 
 
 def _scalar(v: Any) -> dict[str, Any]:
@@ -98,7 +103,6 @@ class Exchange:
         timeout: float,
         *,
         group_id: str = "",
-        on_reply: Callable[[int, Message], None] | None = None,
     ) -> Replies:
         """Send ``contents[node_id]`` to each node; wait up to ``timeout`` seconds for replies."""
         out = Replies()
@@ -123,8 +127,6 @@ class Exchange:
                     out.failed[node] = str(reply.error.reason)
                 else:
                     out.ok[node] = reply
-                    if on_reply is not None:
-                        on_reply(node, reply)
             if not pending or time.monotonic() >= end:
                 break
             time.sleep(self.poll)

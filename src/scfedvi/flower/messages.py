@@ -33,7 +33,8 @@ N_EMBEDDED = "n-embedded"
 
 def params_to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
     """``dict[str, ndarray]`` -> :class:`ArrayRecord` (names and order kept)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in params.items()})
 
 
 def record_to_params(record: ArrayRecord) -> dict[str, np.ndarray]:
