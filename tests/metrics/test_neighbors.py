@@ -97,6 +97,7 @@ def test_auto_uses_approx_only_for_large_high_dimensional_data(
     monkeypatch.setattr(nb, "_approx", lambda X, k, seed, n_jobs: calls.append("approx"))
     monkeypatch.setattr(nb, "_exact", lambda X, k, n_jobs: calls.append("exact"))
     monkeypatch.setattr(nb, "APPROX_MIN_CELLS", 10)
+    monkeypatch.setattr(nb, "_pynndescent_available", lambda: True)
     compute_neighbors(np.random.default_rng(0).normal(size=(20, nb.APPROX_MIN_DIMS + 1)))
     compute_neighbors(np.random.default_rng(0).normal(size=(20, nb.APPROX_MIN_DIMS)))
     compute_neighbors(np.random.default_rng(0).normal(size=(10, nb.APPROX_MIN_DIMS + 1)))
