@@ -168,7 +168,13 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
             cfg = f"site='{site}' data-path='{path}' state-dir='{work / 'sites'}'"
             sn = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}"]
             start([*sn, "--port", str(_free_port()), "--node-config", cfg])
-        time.sleep(3)
+        end = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            if time.monotonic() > end:
+                raise TimeoutError(
+                    f"the SuperLink does not listen on {port}; see {work}/flower.log"
+                )
+            time.sleep(0.2)
         rc = {
             "num-server-rounds": args.rounds,
             "local-epochs": args.local_epochs,
@@ -183,7 +189,9 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
         )
         t0 = time.perf_counter()
         cmd = [str(BIN / "flwr"), "run", str(write_app_dir(work / "app")), "bench"]
-        subprocess.run([*cmd, "--run-config", overrides], env=env, check=True, capture_output=True)
+        res = subprocess.run([*cmd, "--run-config", overrides], env=env, capture_output=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {res.stdout!r} {res.stderr!r}")
         result: dict[str, Any] = {}
         while time.perf_counter() - t0 < args.timeout:
             if (out / "result.json").exists():

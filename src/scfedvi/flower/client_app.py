@@ -73,10 +73,12 @@ def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
     """Setup 2: per-batch, per-gene summaries over the server's gene universe."""
     from scfedvi.data.harmonize import site_summary
 
-    universe = tuple(str(g) for g in msg.content[m.CONFIG]["genes"])  # type: ignore[union-attr]
+    universe = tuple(str(g) for g in msg.content.config_records[m.CONFIG]["genes"])  # type: ignore[union-attr]
     clips = None
     if m.STATS in msg.content:
-        clips = {b: v.tolist() for b, v in m.record_to_params(msg.content[m.STATS]).items()}
+        clips = {
+            b: v.tolist() for b, v in m.record_to_params(msg.content.array_records[m.STATS]).items()
+        }
     s = site_summary(
         node.read(app_.batch_key),
         site=node.site,
@@ -96,7 +98,7 @@ def schema(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) 
     """Setup 3: check that the site's data fits the schema, and keep the schema."""
     from scfedvi.data.schema import FederationSchema
 
-    c = msg.content[m.CONFIG]
+    c = msg.content.config_records[m.CONFIG]
     sch = FederationSchema.from_json(str(c["schema"]))
     if sch.hash != c[SCHEMA_HASH]:
         raise SchemaMismatchError(f"site {node.site!r}: the schema does not match its hash")
@@ -109,7 +111,7 @@ def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
     from scfedvi.federation.site import SiteWorker
     from scfedvi.train.local import SiteTensors
 
-    c = msg.content[m.CONFIG]
+    c = msg.content.config_records[m.CONFIG]
     sch = node.load_schema(str(c[SCHEMA_HASH]))
     adata, sd = node.project(sch, cfg.train.batch_size)
     tensors = SiteTensors(sd.X, sd.batch_index)
@@ -121,30 +123,30 @@ def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
 def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
     """One round: train from the global parameters, keep the private state, send the update."""
     worker, _, _, sch = _worker(msg, node, cfg)
-    r = int(msg.content[m.CONFIG][m.ROUND])  # type: ignore[arg-type]
+    r = int(msg.content.config_records[m.CONFIG][m.ROUND])  # type: ignore[arg-type]
     if r > 0:
         prev = node.state_path(r - 1)
         if prev.exists():
             worker.load_state(prev)
         else:
             log.warning("site %r: no state of round %d in %s; fresh state", node.site, r - 1, prev)
-    control = msg.content.get(m.CONTROL)
+    control = msg.content.array_records.get(m.CONTROL)
     upd = worker.fit(
-        m.record_to_params(msg.content[m.ARRAYS]),
+        m.record_to_params(msg.content.array_records[m.ARRAYS]),
         r,
         None if control is None else m.record_to_params(control),
     )
     worker.save_state(node.state_path(r))
     node.prune_states(keep_from=r - 1)  # a restarted round r reloads the state of r - 1
+    extra: dict[str, str | list[int]] = {
+        m.SITE: node.site,
+        m.BATCH_COUNTS: m.batch_counts_to_list(upd.batch_counts),
+    }
     rd = RecordDict(
         {
             m.ARRAYS: m.params_to_record(upd.params),
             m.METRICS: m.metrics_to_record(upd.metrics, upd.num_examples),
-            m.CONFIG: m.round_config(
-                sch.hash,
-                r,
-                **{m.SITE: node.site, m.BATCH_COUNTS: m.batch_counts_to_list(upd.batch_counts)},
-            ),
+            m.CONFIG: m.round_config(sch.hash, r, **extra),
         }
     )
     if upd.control_delta is not None:
@@ -157,7 +159,7 @@ def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
 def embed(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
     """Embed the site's cells with the global model; write them locally, send only a count."""
     worker, adata, sd, sch = _worker(msg, node, cfg)
-    z = worker.embed(m.record_to_params(msg.content[m.ARRAYS]))
+    z = worker.embed(m.record_to_params(msg.content.array_records[m.ARRAYS]))
     full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
     full[adata.obs_names.get_indexer(sd.obs_names)] = z  # cells without counts stay NaN
     adata.obsm[LATENT_KEY] = full

@@ -44,16 +44,18 @@ def record_to_params(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 def metrics_to_record(metrics: Mapping[str, float], num_examples: int) -> MetricRecord:
     """Scalar metrics plus ``num-examples`` (the weight of the site's update)."""
-    out: dict[str, float | int] = {k: float(v) for k, v in metrics.items()}
+    out: dict[str, int | float | list[int] | list[float]] = {
+        k: float(v) for k, v in metrics.items()
+    }
     out[NUM_EXAMPLES] = int(num_examples)
     return MetricRecord(out)
 
 
 def record_to_metrics(record: MetricRecord) -> tuple[dict[str, float], int]:
     """Inverse of :func:`metrics_to_record`: ``(metrics, num_examples)``."""
-    d = dict(record)
+    d = {k: v for k, v in record.items() if isinstance(v, int | float)}
     n = int(d.pop(NUM_EXAMPLES))
-    return {k: float(v) for k, v in d.items()}, n  # type: ignore[arg-type]
+    return {k: float(v) for k, v in d.items()}, n
 
 
 def batch_counts_to_list(counts: Mapping[int, int]) -> list[int]:
@@ -64,7 +66,9 @@ def list_to_batch_counts(values: list[int]) -> dict[int, int]:
     return {int(values[i]): int(values[i + 1]) for i in range(0, len(values), 2)}
 
 
-def round_config(schema_hash: str, round_idx: int, **extra: str | int | float) -> ConfigRecord:
+def round_config(
+    schema_hash: str, round_idx: int, **extra: str | int | float | list[int]
+) -> ConfigRecord:
     """What every message from the server carries: the schema hash and the round index."""
     return ConfigRecord({SCHEMA_HASH: schema_hash, ROUND: int(round_idx), **extra})
 

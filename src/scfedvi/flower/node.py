@@ -66,7 +66,7 @@ class NodeSettings:
             default_state = data.parent / "scfedvi-state"
         elif "partition-id" in node_config and app.sim_data_dir:
             files = sorted(Path(app.sim_data_dir).expanduser().glob("*.h5ad"))
-            pid = int(node_config["partition-id"])  # type: ignore[arg-type]
+            pid = int(str(node_config["partition-id"]))
             if pid >= len(files):
                 raise SiteDataError(
                     f"partition {pid}: sim-data-dir {app.sim_data_dir} has {len(files)} .h5ad "

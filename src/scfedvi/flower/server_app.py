@@ -83,7 +83,8 @@ def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, An
         checkpoint_dir=out / CHECKPOINT_DIR,
     )
     start = coord.round if coord.load_checkpoint(out / CHECKPOINT_DIR) else 0
-    seconds, dropped = [], []
+    seconds: list[float] = []
+    dropped: list[dict[str, Any]] = []
     for r in range(coord.round, cfg.federation.n_rounds):
         t0 = time.perf_counter()
         updates, failed = train_round(ex, coord, fed, r, app.round_timeout)
@@ -91,7 +92,7 @@ def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, An
         coord.aggregate(updates, dropped=sorted(failed))
         seconds.append(time.perf_counter() - t0)
         log.info("round %d: %d sites, %.1f s", r, len(updates), seconds[-1])
-    last = {d["site"] for d in dropped if d["round"] == coord.round - 1}
+    last = {str(d["site"]) for d in dropped if d["round"] == coord.round - 1}
     embedded = embed(ex, coord, fed, app.round_timeout, skip=last)
     history = pd.DataFrame(coord.history)
     save_model(out / MODEL_DIR, fed.schema, cfg, app, coord, history)
@@ -128,16 +129,16 @@ def train_round(
     updates = []
     for node, reply in res.ok.items():
         site = fed.sites[node]
-        c = reply.content[m.CONFIG]
+        c = reply.content.config_records[m.CONFIG]
         if c.get(SCHEMA_HASH) != fed.schema.hash or int(c.get(m.ROUND, -1)) != r:  # type: ignore[arg-type]
             failed[site] = f"reply for schema {c.get(SCHEMA_HASH)!r} round {c.get(m.ROUND)!r}"
             continue
-        metrics, n = m.record_to_metrics(reply.content[m.METRICS])
-        control = reply.content.get(m.CONTROL)
+        metrics, n = m.record_to_metrics(reply.content.metric_records[m.METRICS])
+        control = reply.content.array_records.get(m.CONTROL)
         updates.append(
             SiteUpdate(
                 site=site,
-                params=m.record_to_params(reply.content[m.ARRAYS]),
+                params=m.record_to_params(reply.content.array_records[m.ARRAYS]),
                 num_examples=n,
                 batch_counts=m.list_to_batch_counts(list(c[m.BATCH_COUNTS])),  # type: ignore[arg-type]
                 metrics=metrics,
@@ -166,7 +167,7 @@ def embed(
     }
     res = ex.ask(targets, m.EMBED, timeout)
     out: dict[str, Any] = {
-        fed.sites[n]: int(r.content[m.CONFIG][m.N_EMBEDDED])  # type: ignore[arg-type]
+        fed.sites[n]: int(r.content.config_records[m.CONFIG][m.N_EMBEDDED])  # type: ignore[arg-type]
         for n, r in res.ok.items()
     }
     for n, why in res.failed.items():

@@ -63,10 +63,13 @@ def harmonize(
     """Genes, summaries (and pooled clip values), schema: returns (schema, node -> site)."""
     t = app.setup_timeout
     res = ex.ask({n: RecordDict({m.CONFIG: ConfigRecord({})}) for n in nodes}, m.GENES, t)
-    sites = {n: str(r.content[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
+    sites = {n: str(r.content.config_records[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
     _check_enough(sites, res.failed, min_sites, "gene names")
     order = sorted(sites, key=lambda n: sites[n])
-    gene_lists = [list(res.ok[n].content[m.CONFIG]["genes"]) for n in order]  # type: ignore[arg-type]
+    gene_lists = [
+        [str(g) for g in res.ok[n].content.config_records[m.CONFIG]["genes"]]  # type: ignore[union-attr]
+        for n in order
+    ]
     universe = gene_universe(gene_lists, app.min_sites_per_gene or None)
     log.info("setup: %d sites, gene universe of %d genes", len(order), len(universe))
 
@@ -81,12 +84,14 @@ def harmonize(
         ok = {n: sites[n] for n in r.ok}
         _check_enough(ok, r.failed, min_sites, "summaries")
         return {
-            n: m.records_to_summary(x.content[m.CONFIG], x.content[m.STATS], universe)
+            n: m.records_to_summary(
+                x.content.config_records[m.CONFIG], x.content.array_records[m.STATS], universe
+            )
             for n, x in r.ok.items()
         }
 
     summaries: dict[int, SiteSummary] = ask_summaries(order, None)
-    clips = batch_clip_values([summaries[n] for n in sorted(summaries, key=sites.get)])
+    clips = batch_clip_values([summaries[n] for n in sorted(summaries, key=lambda n: sites[n])])
     if clips:  # batches held by several sites: those sites recompute with pooled clip values
         again = [n for n, s in summaries.items() if set(s.batch_counts) & set(clips)]
         summaries.update(ask_summaries(again, clips))
@@ -122,7 +127,7 @@ def deliver(
         for n in nodes
     }
     res = ex.ask(content, m.SCHEMA, app.setup_timeout)
-    sites = {n: str(r.content[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
+    sites = {n: str(r.content.config_records[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
     _check_enough(sites, res.failed, min_sites, "schema")
     return sites
 
