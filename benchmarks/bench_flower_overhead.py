@@ -8,6 +8,9 @@ timing of each round (send, the sites' fresh ClientApp processes, replies, aggre
 checkpoint), read from its ``result.json``. The setup round and the final embedding are
 timed apart (wall time of ``flwr run`` to the result, minus the rounds).
 
+Both use ``--threads`` torch threads (default 1: the ClientApps of the sites run side by side
+on one machine here; in a real deployment each site has its own).
+
 Usage::
 
     nice -n 10 .venv/bin/python benchmarks/bench_flower_overhead.py [--sites 3] [--rounds 3]
@@ -45,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, in process and in every ClientApp (OMP_NUM_THREADS; 0: default)",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds for the Flower run")
     p.add_argument("--out", default="benchmark-out/bench_flower_overhead.json")
     return p.parse_args(argv)
@@ -111,6 +120,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _descendants(pid: int) -> list[int]:
     kids: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
@@ -155,6 +169,8 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
         "insecure = true\n"
     )
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     env.update(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PATH=f"{BIN}:{env['PATH']}")
     procs: list[subprocess.Popen] = []
     log = (work / "flower.log").open("ab")
@@ -169,7 +185,7 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
             sn = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}"]
             start([*sn, "--port", str(_free_port()), "--node-config", cfg])
         end = time.monotonic() + 60
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        while not _listening(port):
             if time.monotonic() > end:
                 raise TimeoutError(
                     f"the SuperLink does not listen on {port}; see {work}/flower.log"
@@ -220,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import flwr
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
         work = Path(tmp)
