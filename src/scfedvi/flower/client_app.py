@@ -72,7 +72,9 @@ def genes(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
 def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
     """Setup 2: per-batch, per-gene summaries over the server's gene universe."""
     from scfedvi.data.harmonize import site_summary
+    from scfedvi.federation.payload import check_summary
 
+    adata = node.read(app_.batch_key)
     universe = tuple(str(g) for g in msg.content.config_records[m.CONFIG]["genes"])  # type: ignore[union-attr]
     clips = None
     if m.STATS in msg.content:
@@ -80,7 +82,7 @@ def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
             b: v.tolist() for b, v in m.record_to_params(msg.content.array_records[m.STATS]).items()
         }
     s = site_summary(
-        node.read(app_.batch_key),
+        adata,
         site=node.site,
         batch_key=app_.batch_key,
         genes=universe,
@@ -88,6 +90,7 @@ def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
         label_key=app_.label_key or None,
         clip_values=clips,
     )
+    check_summary(s.to_dict(), adata.n_obs, site=node.site)  # the site's own whitelist check
     cfg_rec, arrays = m.summary_to_records(s)
     return RecordDict({m.CONFIG: cfg_rec, m.STATS: arrays})
 
@@ -130,11 +133,16 @@ def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
             worker.load_state(prev)
         else:
             log.warning("site %r: no state of round %d in %s; fresh state", node.site, r - 1, prev)
-    control = msg.content.array_records.get(m.CONTROL)
-    upd = worker.fit(
-        m.record_to_params(msg.content.array_records[m.ARRAYS]),
-        r,
-        None if control is None else m.record_to_params(control),
+    from scfedvi.federation.payload import check_update
+
+    params = m.record_to_params(msg.content.array_records[m.ARRAYS])
+    rec = msg.content.array_records.get(m.CONTROL)
+    control = None if rec is None else m.record_to_params(rec)
+    upd = worker.fit(params, r, control)
+    check_update(  # the site's own whitelist check before anything leaves it
+        upd,
+        {k: v.shape for k, v in params.items()},
+        control_shapes=None if control is None else {k: v.shape for k, v in control.items()},
     )
     worker.save_state(node.state_path(r))
     node.prune_states(keep_from=r - 1)  # a restarted round r reloads the state of r - 1
