@@ -93,3 +93,16 @@ def test_export_gives_the_same_latent_and_round_trips(trained, tmp_path: Path) -
     exported.save(tmp_path / "scvi", overwrite=True)
     reloaded = scvi.model.SCVI.load(str(tmp_path / "scvi"), adata=site_anndata(model, site))
     np.testing.assert_allclose(reloaded.get_latent_representation(), ours, atol=1e-4)
+
+
+def test_load_into_refuses_what_scvi_cannot_represent() -> None:
+    from scfedvi.export import load_into
+    from scfedvi.module.vae import VAE
+
+    target = VAE(N_GENES, 2, ModelConfig(n_hidden=32))
+    state = VAE(N_GENES, 2, ModelConfig(n_hidden=16)).state_dict()
+    with pytest.raises(ValueError, match=r"no scvi-tools equivalent.*shapes that differ"):
+        load_into(target, state)
+    extra = {**target.state_dict(), "adapter.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"scvi-tools lacks \[.adapter.weight.\]"):
+        load_into(target, extra)
