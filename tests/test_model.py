@@ -12,7 +12,7 @@ from scfedvi.data.errors import SiteDataError
 
 FAST = RunConfig(
     model=ModelConfig(n_hidden=32, n_latent=4),
-    train=TrainConfig(batch_size=32, n_epochs_kl_warmup=2),
+    train=TrainConfig(batch_size=32, n_epochs_kl_warmup=2, local_epochs=1),
     federation=FederationConfig(n_rounds=2),
 )
 

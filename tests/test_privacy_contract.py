@@ -25,7 +25,7 @@ from scfedvi.module.vae import VAE
 def test_every_round_payload_is_whitelisted(small_adata, monkeypatch, variant):
     cfg = RunConfig(
         model=ModelConfig(n_hidden=16, n_latent=3),
-        train=TrainConfig(batch_size=32, **variant.get("train", {})),
+        train=TrainConfig(batch_size=32, local_epochs=1, **variant.get("train", {})),
         federation=FederationConfig(n_rounds=2, **variant.get("fed", {})),
     )
     sites = {"a": small_adata[:100].copy(), "b": small_adata[100:].copy()}

@@ -77,7 +77,7 @@ class TrainConfig:
     lr: float = 1e-3
     eps: float = 0.01
     weight_decay: float = 1e-6
-    local_epochs: int = 1
+    local_epochs: int = 10
     local_steps: int | None = None
     n_epochs_kl_warmup: int = 400
     optimizer_state: Literal["reset", "keep"] = "keep"

@@ -20,7 +20,7 @@ G = 60
 
 def cfg(**kw) -> RunConfig:
     fed = {"n_rounds": 3, "seed": 3, **kw.pop("fed", {})}
-    train = {"batch_size": 32, "n_epochs_kl_warmup": 4, **kw.pop("train", {})}
+    train = {"batch_size": 32, "n_epochs_kl_warmup": 4, "local_epochs": 1, **kw.pop("train", {})}
     return RunConfig(
         model=ModelConfig(n_hidden=32, n_latent=4),
         train=TrainConfig(**train),
