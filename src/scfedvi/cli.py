@@ -101,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="average batch-specific weights over all sites (plain FedAvg)",
     )
+    a.add_argument(
+        "--dp-clip",
+        type=float,
+        default=None,
+        metavar="C",
+        help="client-level differential privacy: clip each site's update to L2 norm C",
+    )
+    a.add_argument(
+        "--dp-noise",
+        type=float,
+        default=1.0,
+        metavar="SIGMA",
+        help="with --dp-clip: Gaussian noise multiplier (default: 1.0)",
+    )
     a.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_run_options(t)

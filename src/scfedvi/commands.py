@@ -7,7 +7,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from scfedvi.config import RunConfig
+from scfedvi.config import PrivacyConfig, RunConfig
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -88,6 +88,10 @@ def train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     cfg = replace(cfg, federation=fed, train=tr)
+    if args.dp_clip is not None:
+        cfg = replace(
+            cfg, privacy=PrivacyConfig(clip_norm=args.dp_clip, noise_multiplier=args.dp_noise)
+        )
     if "__one__" in sites:
         model = ScFedVI.from_sites(
             sites["__one__"],

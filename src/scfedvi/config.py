@@ -156,6 +156,16 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0
     delta: float = 1e-5
 
+    def __post_init__(self) -> None:
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"PrivacyConfig.clip_norm must be > 0, got {self.clip_norm}")
+        if self.noise_multiplier < 0:
+            raise ValueError(
+                f"PrivacyConfig.noise_multiplier must be >= 0, got {self.noise_multiplier}"
+            )
+        if not 0 < self.delta < 1:
+            raise ValueError(f"PrivacyConfig.delta must be in (0, 1), got {self.delta}")
+
     @property
     def enabled(self) -> bool:
         return self.clip_norm is not None

@@ -146,7 +146,13 @@ class ScFedVI:
         )
         workers = self._workers()
         bar = _progress(n_rounds, progress)
-        run_in_process(coord, workers, n_rounds, resume=resume, on_round=lambda r, s: bar.update(1))
+
+        def on_round(r: int, seconds: float) -> None:
+            last = [h for h in coord.history if h["round"] == r and "loss" in h]
+            bar.set_postfix_str(" ".join(f"{h['site']}: loss {h['loss']:.0f}" for h in last))
+            bar.update(1)
+
+        run_in_process(coord, workers, n_rounds, resume=resume, on_round=on_round)
         bar.close()
         self.params = coord.params
         self.history = pd.DataFrame(coord.history)

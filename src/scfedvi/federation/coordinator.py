@@ -19,6 +19,8 @@ import torch
 
 from scfedvi.config import RunConfig
 from scfedvi.federation.aggregate import ServerOptimizer, SiteUpdate, fedavg, reject_invalid
+from scfedvi.privacy.accountant import gaussian_epsilon
+from scfedvi.privacy.dp import dp_average
 from scfedvi.train.local import build_module
 from scfedvi.train.params import Params, batch_owned_columns, get_state, shared_keys
 
@@ -80,6 +82,14 @@ class Coordinator:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
 
     # -- broadcast ---------------------------------------------------------------------------
+    @property
+    def epsilon(self) -> float | None:
+        """The (epsilon, delta)-DP guarantee spent so far (``None`` without DP)."""
+        priv = self.config.privacy
+        if not priv.enabled:
+            return None
+        return gaussian_epsilon(priv.noise_multiplier, self.round, priv.delta)
+
     def broadcast(self) -> tuple[Params, Params | None]:
         """What every site receives this round: the global parameters (and SCAFFOLD's control)."""
         return self.params, self.control
@@ -103,7 +113,20 @@ class Coordinator:
                 f"round {r}: {len(kept)} valid site updates, fewer than min_sites="
                 f"{self.config.federation.min_sites} (rejected: {rejected}, dropped: {list(dropped)})"
             )
-        avg = fedavg(kept, self.params, self.batch_owned)
+        priv = self.config.privacy
+        if priv.enabled:
+            rng = np.random.default_rng([self.config.federation.seed, r, 7])
+            avg, info = dp_average(
+                kept,
+                self.params,
+                clip_norm=priv.clip_norm,
+                noise_multiplier=priv.noise_multiplier,
+                rng=rng,  # type: ignore[arg-type]
+            )
+            info["dp_epsilon"] = gaussian_epsilon(priv.noise_multiplier, r + 1, priv.delta)
+            self.history.append({"round": r, "site": "(server)", "status": "dp", **info})
+        else:
+            avg = fedavg(kept, self.params, self.batch_owned)
         self.params = self.server_opt.step(self.params, avg)
         if self.control is not None:
             deltas = [u.control_delta for u in kept if u.control_delta is not None]
