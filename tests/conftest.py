@@ -55,3 +55,12 @@ def make_counts(n_cells: int, n_genes: int, *, n_batches: int = 2, n_types: int 
 def small_adata():
     """240 cells x 60 genes, 2 batches, 3 cell types."""
     return make_counts(240, 60)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One torch thread: several test processes (and Flower sites) share 2 cores; more
+    threads than cores slow small models down by orders of magnitude."""
+    import torch
+
+    torch.set_num_threads(1)

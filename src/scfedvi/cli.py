@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"scfedvi {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="torch threads (default: 1; scVI's small layers gain little from more, and more "
+        "threads than free cores slow training down many times)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser(
@@ -142,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    import torch
+
     from scfedvi import commands
+
+    torch.set_num_threads(max(1, args.threads))
 
     try:
         return int(getattr(commands, args.command)(args) or 0)

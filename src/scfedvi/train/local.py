@@ -245,8 +245,10 @@ def _scaffold_update(named, global_params, new_params, global_control, client_co
 def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024) -> Params:
     """Recompute BatchNorm statistics on a site's cells with the current weights.
 
-    The statistics are the exact averages over the site's cells (cumulative averaging), with
-    dropout off; they are the site's own and never leave it. Returns the new statistics.
+    The statistics are cumulative averages over minibatches of the site's cells in a fixed
+    random order (a stored order sorted by batch or cell type would leave out the variance
+    between minibatches), with dropout off; the decoder sees the posterior means. They are the
+    site's own and never leave it. Returns the new statistics.
     """
     bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     if not bns:
@@ -257,7 +259,7 @@ def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024)
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    for x, b in data.iter_minibatches(batch_size, None, drop_small=True):
+    for x, b in data.iter_minibatches(batch_size, np.random.default_rng(0), drop_small=True):
         inf = module.inference(x, b)
         module.generative(inf["qz_m"], inf["library"], b)
     for m in bns:

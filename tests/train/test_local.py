@@ -1,0 +1,48 @@
+"""Local training pieces: minibatches, KL warm-up, site-local statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scfedvi.config import ModelConfig
+from scfedvi.module.vae import VAE
+from scfedvi.train.local import SiteTensors, calibrate_norm_stats, kl_weight
+
+
+def test_kl_warmup_follows_the_global_epoch():
+    assert kl_weight(0, 400) == 0.0
+    assert kl_weight(200, 400) == 0.5
+    assert kl_weight(1000, 400) == 1.0
+    assert kl_weight(3, None) == 1.0
+
+
+def test_minibatches_cover_every_cell_once_and_drop_a_tiny_tail():
+    X = sp.csr_matrix(np.arange(1, 11 * 3 + 1, dtype=np.float32).reshape(11, 3))
+    t = SiteTensors(X, np.zeros(11))
+    sizes = [len(x) for x, _ in t.iter_minibatches(5, np.random.default_rng(0))]
+    assert sizes == [5, 5]  # a last minibatch of 1 cell is dropped in training
+    rows = np.concatenate(
+        [x[:, 0].numpy() for x, _ in t.iter_minibatches(4, None, drop_small=False)]
+    )
+    np.testing.assert_array_equal(rows, X[:, 0].toarray().ravel())
+
+
+def test_site_statistics_do_not_depend_on_the_stored_order():
+    # cells sorted by group, as a simulator or a concatenation stores them
+    rng = np.random.default_rng(0)
+    a = rng.poisson(2.0, size=(600, 30)) + 1
+    b = rng.poisson(20.0, size=(600, 30)) + 1
+    X = sp.csr_matrix(np.vstack([a, b]).astype(np.float32))
+    torch.manual_seed(0)
+    m = VAE(30, 1, ModelConfig(n_hidden=16, n_latent=3))
+    sorted_stats = calibrate_norm_stats(m, SiteTensors(X, np.zeros(1200)), batch_size=256)
+    perm = rng.permutation(1200)
+    shuffled_stats = calibrate_norm_stats(m, SiteTensors(X[perm], np.zeros(1200)), batch_size=256)
+    key = "z_encoder.encoder.fc_layers.Layer 0.1.running_var"
+    np.testing.assert_allclose(sorted_stats[key], shuffled_stats[key], rtol=0.05)
+    # and they equal the variance over all cells of the first hidden layer's activations
+    with torch.no_grad():
+        h = m.z_encoder.encoder.fc_layers[0][0](torch.log1p(torch.from_numpy(X.toarray())))
+    np.testing.assert_allclose(sorted_stats[key], h.var(0).numpy(), rtol=0.05)
