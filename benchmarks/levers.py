@@ -70,7 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     p.add_argument("--out", default="benchmark-out/levers.jsonl")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
 
     from scfedvi import ScFedVI
     from scfedvi.config import FederationConfig, ModelConfig, RunConfig, TrainConfig
