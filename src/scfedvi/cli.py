@@ -138,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output .h5ad (must differ from --input)")
     e.add_argument("--site", default="site", help="site name used in messages")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    fl = sub.add_parser(
+        "flower",
+        help="write a Flower app directory for `flwr run` (deployment across machines)",
+        description="Write DIR/pyproject.toml: the scfedvi Flower app (installed components, every "
+        "run-config key with its default). See the README's deployment section.",
+    )
+    fl.add_argument("dir", help="folder to write (created)")
+    fl.add_argument(
+        "--overwrite", action="store_true", help="replace DIR/pyproject.toml if it exists"
+    )
     return parser
 
 

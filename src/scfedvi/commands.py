@@ -151,4 +151,16 @@ def _check_outputs(targets, inputs, overwrite: bool) -> None:
         if os.path.realpath(t) in ins:
             raise FileExistsError(f"output {t} would replace an input file; choose another --out")
         if Path(t).exists() and not overwrite:
-            raise FileExistsError(f"{t} exists; pass --overwrite or choose another --out")
+            raise FileExistsError(f"{t} exists; pass --overwrite or choose another output path")
+
+
+def flower(args: argparse.Namespace) -> int:
+    from scfedvi.flower.settings import write_app_dir
+
+    _check_outputs([Path(args.dir) / "pyproject.toml"], [], args.overwrite)
+    d = write_app_dir(args.dir)
+    print(f"wrote {Path(d) / 'pyproject.toml'}; start a run with:")
+    print(
+        f"  flwr run {d} <connection> --run-config \"num-server-rounds=40 batch-key='batch' out-dir='out'\""
+    )
+    return 0
