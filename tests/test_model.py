@@ -9,6 +9,7 @@ from scfedvi import ScFedVI
 from scfedvi._constants import LATENT_KEY
 from scfedvi.config import FederationConfig, ModelConfig, RunConfig, TrainConfig
 from scfedvi.data.errors import SiteDataError
+from synthetic import make_counts
 
 FAST = RunConfig(
     model=ModelConfig(n_hidden=32, n_latent=4),
@@ -19,8 +20,6 @@ FAST = RunConfig(
 
 @pytest.fixture(scope="module")
 def trained():
-    from conftest import make_counts
-
     adata = make_counts(240, 60)
     adata.obs["lab"] = np.where(np.arange(adata.n_obs) < 120, "lab-a", "lab-b")
     model = ScFedVI.from_sites(
