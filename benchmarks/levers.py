@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--local-steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=400, help="KL warm-up in global epochs")
     p.add_argument("--norm", choices=["batch", "layer", "none"], default="batch")
-    p.add_argument("--norm-stats", choices=["local", "averaged"], default="local")
+    p.add_argument("--norm-stats", choices=["local", "global", "averaged"], default="local")
     p.add_argument("--no-batch-owned", action="store_true")
     p.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam"], default="fedavg")
     p.add_argument("--server-lr", type=float, default=1.0)

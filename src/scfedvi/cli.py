@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = t.add_argument_group("method")
     a.add_argument(
         "--norm-stats",
-        choices=["local", "averaged"],
+        choices=["local", "global", "averaged"],
         default=None,
-        help="BatchNorm statistics: each site's own (default) or averaged (plain FedAvg)",
+        help="BatchNorm statistics: each site's own (default), pooled over all sites (global), or averaged running statistics (plain FedAvg)",
     )
     a.add_argument(
         "--no-batch-owned",

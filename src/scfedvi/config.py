@@ -105,9 +105,12 @@ class FederationConfig:
     n_rounds
         Communication rounds.
     norm_stats
-        Whose statistics BatchNorm uses: ``"local"`` (each site keeps its own running
-        statistics; they never leave it) or ``"averaged"`` (FedAvg over the statistics too,
-        the paper's plain FedAvg).
+        Whose statistics BatchNorm uses: ``"local"`` (each site trains and embeds with its own
+        statistics; they never leave it), ``"global"`` (every site trains and embeds with the
+        statistics of all sites' cells together, pooled each round from per-site means and
+        variances of the hidden units, as pooled training would; composition differences
+        between sites are kept) or ``"averaged"`` (FedAvg over the running statistics, the
+        paper's plain FedAvg).
     batch_owned
         Average the parameters tied to one batch only over the sites that hold that batch.
     server_optimizer
@@ -121,7 +124,7 @@ class FederationConfig:
     """
 
     n_rounds: int = 40
-    norm_stats: Literal["local", "averaged"] = "local"
+    norm_stats: Literal["local", "global", "averaged"] = "local"
     batch_owned: bool = True
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
     server_lr: float = 1.0
@@ -132,7 +135,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if self.n_rounds < 1:
             raise ValueError(f"FederationConfig.n_rounds must be >= 1, got {self.n_rounds}")
-        _check_choice("norm_stats", self.norm_stats, ("local", "averaged"))
+        _check_choice("norm_stats", self.norm_stats, ("local", "global", "averaged"))
         _check_choice("server_optimizer", self.server_optimizer, ("fedavg", "fedavgm", "fedadam"))
         if self.min_sites < 1:
             raise ValueError(f"FederationConfig.min_sites must be >= 1, got {self.min_sites}")

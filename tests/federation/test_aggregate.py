@@ -91,3 +91,23 @@ def test_fedavg_server_optimizer_is_the_average():
     np.testing.assert_array_equal(
         ServerOptimizer().step({"w": np.zeros(3, np.float32)}, avg)["w"], avg["w"]
     )
+
+
+def test_pooled_variances_equal_the_statistics_of_all_cells():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, (300, 4)), rng.normal(3, 2, (100, 4))
+
+    def site(name, x):
+        return SiteUpdate(
+            name, {"bn.running_mean": x.mean(0), "bn.running_var": x.var(0)}, len(x), {0: len(x)}
+        )
+
+    g = {"bn.running_mean": np.zeros(4), "bn.running_var": np.ones(4)}
+    out = fedavg([site("a", a), site("b", b)], g, pool_variances=True)
+    both = np.vstack([a, b])
+    np.testing.assert_allclose(out["bn.running_mean"], both.mean(0))
+    np.testing.assert_allclose(out["bn.running_var"], both.var(0))
+    plain = fedavg([site("a", a), site("b", b)], g)
+    assert np.all(
+        plain["bn.running_var"] < out["bn.running_var"]
+    )  # averaging misses the spread of means

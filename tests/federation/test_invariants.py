@@ -152,3 +152,23 @@ def test_training_options_run_and_stay_finite(data, train):
     assert all(np.isfinite(losses))
     if "local_steps" in train:
         assert {r["steps"] for r in coord.history} == {3.0}
+
+
+def test_global_norm_statistics_are_pooled_and_used_for_training(data):
+    adata, schema = data
+    config = cfg(fed={"norm_stats": "global"})
+    half = adata.n_obs // 2
+    sites = [
+        SiteWorker("a", tensors(adata[:half].copy(), schema), G, 2, config),
+        SiteWorker("b", tensors(adata[half:].copy(), schema), G, 2, config),
+    ]
+    coord = _run(sites, config, 2, 2)
+    key = "z_encoder.encoder.fc_layers.Layer 0.1.running_var"
+    assert key in coord.params  # statistics are shared in this mode
+    assert int(coord.params["z_encoder.encoder.fc_layers.Layer 0.1.num_batches_tracked"]) > 0
+    # training in round 1 used the pooled statistics (frozen): a site's BatchNorm layers stay in
+    # eval mode, so its module's running statistics equal the ones it received
+    params, _ = coord.broadcast()
+    sites[0].fit(params, 2)
+    got = sites[0].module.state_dict()[key].numpy()
+    np.testing.assert_allclose(got, params[key], rtol=1e-6)

@@ -48,6 +48,8 @@ def fedavg(
     updates: Sequence[SiteUpdate],
     global_params: Mapping[str, np.ndarray],
     batch_owned: Mapping[str, tuple[int, int]] | None = None,
+    *,
+    pool_variances: bool = False,
 ) -> Params:
     """Weighted average of the sites' parameters, weights ``n_i / sum(n)``.
 
@@ -61,6 +63,10 @@ def fedavg(
         ``name -> (axis, first)`` of columns tied to one batch each (see
         :func:`scfedvi.train.params.batch_owned_columns`). Column ``first + b`` is averaged
         only over the sites holding batch ``b``, weighted by their cells of that batch.
+    pool_variances
+        Combine ``*.running_var`` with the matching ``*.running_mean`` as the variance of the
+        pooled cells, ``sum_i w_i (var_i + mean_i^2) - mean^2`` (the sites' statistics), instead
+        of averaging them.
     """
     if not updates:
         raise ValueError("no site updates to aggregate")
@@ -74,6 +80,16 @@ def fedavg(
             continue
         avg = sum(wi * a.astype(np.float64) for wi, a in zip(w, arrs, strict=True))
         out[k] = np.asarray(avg, dtype=np.asarray(g).dtype)
+    if pool_variances:
+        for k in [k for k in out if k.endswith("running_var")]:
+            mk = k[: -len("running_var")] + "running_mean"
+            means = [np.asarray(u.params[mk], np.float64) for u in updates]
+            second = sum(
+                wi * (np.asarray(u.params[k], np.float64) + m**2)
+                for wi, u, m in zip(w, updates, means, strict=True)
+            )
+            pooled = np.asarray(second) - np.asarray(out[mk], np.float64) ** 2
+            out[k] = np.maximum(pooled, 0.0).astype(np.asarray(global_params[k]).dtype)
     for k, (axis, first) in (batch_owned or {}).items():
         if k in out:
             out[k] = _average_batch_columns(k, axis, first, updates, global_params[k])

@@ -126,7 +126,8 @@ class Coordinator:
             info["dp_epsilon"] = gaussian_epsilon(priv.noise_multiplier, r + 1, priv.delta)
             self.history.append({"round": r, "site": "(server)", "status": "dp", **info})
         else:
-            avg = fedavg(kept, self.params, self.batch_owned)
+            pool = self.config.federation.norm_stats == "global"
+            avg = fedavg(kept, self.params, self.batch_owned, pool_variances=pool)
         self.params = self.server_opt.step(self.params, avg)
         if self.control is not None:
             deltas = [u.control_delta for u in kept if u.control_delta is not None]

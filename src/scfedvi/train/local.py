@@ -145,7 +145,22 @@ def local_update(
     set_state(module, global_params)
     if state.local_params:
         set_state(module, state.local_params)
+    site_stats: Params = {}
+    frozen_norm = False
+    if norm_stats == "global":
+        # the site's statistics under the round's global weights, pooled by the server into the
+        # next round's global statistics; training uses the current global statistics
+        site_stats = calibrate_norm_stats(module, data)
+        stat_keys = list(site_stats)
+        set_state(module, {k: global_params[k] for k in stat_keys})
+        frozen_norm = any(
+            k.endswith("num_batches_tracked") and int(global_params[k]) > 0 for k in stat_keys
+        )
     module.train()
+    if frozen_norm:
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.eval()
     opt = make_optimizer(module, cfg)
     if cfg.optimizer_state == "keep" and state.optimizer is not None:
         opt.load_state_dict(state.optimizer)
@@ -185,7 +200,7 @@ def local_update(
             step += 1
     new_state = get_state(module)
     keys = shared_keys(module, norm_stats)
-    result_params = {k: new_state[k] for k in keys}
+    result_params = {k: site_stats.get(k, new_state[k]) for k in keys}
     control_delta = None
     new_control = state.control
     if cfg.scaffold:
