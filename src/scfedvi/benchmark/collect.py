@@ -1,0 +1,107 @@
+"""Collect a benchmark's results from its cache: one row per dataset, method, sites and seed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from scfedvi.benchmark.methods import METHODS
+
+if TYPE_CHECKING:
+    from scfedvi.benchmark.cache import ResultCache
+    from scfedvi.benchmark.runner import BenchmarkRun, Job
+
+#: The first columns of ``results.csv``, in order.
+ID_COLUMNS = ("dataset", "method", "label", "n_sites", "seed")
+
+
+def _row(ident: tuple, job: Job, meta: dict[str, Any], metrics: dict[str, Any]) -> dict:
+    dataset, n_sites, method, seed = ident
+    info = meta.get("info", {})
+    epochs = info.get("epochs")
+    row: dict[str, Any] = {
+        "dataset": dataset,
+        "method": method,
+        "label": METHODS[method].label,
+        "n_sites": n_sites,
+        "seed": seed,
+    }
+    row.update(metrics)
+    b = meta.get("bytes")
+    row.update(
+        {
+            "train_seconds": meta.get("seconds"),
+            "bytes": np.nan if b is None else b,
+            "rounds": info.get("rounds"),
+            "local_epochs": info.get("local_epochs"),
+            "epochs": epochs if not isinstance(epochs, dict) else max(epochs.values()),
+            "n_genes": info.get("n_genes"),
+            "batch_key": job.dataset.batch_key,
+            "label_key": job.dataset.label_key,
+            "cache_key": job.key,
+        }
+    )
+    return row
+
+
+def collect(
+    entries: list[tuple[tuple, Job]],
+    obs: dict[tuple, pd.DataFrame],
+    cache: ResultCache,
+    computed: dict[str, int],
+    n_jobs: int,
+    seconds: float,
+) -> BenchmarkRun:
+    """Read every entry's embedding metadata and evaluation from ``cache``."""
+    from scfedvi.benchmark.runner import BenchmarkRun
+
+    rows: list[dict] = []
+    curves: list[dict] = []
+    histories: dict[tuple, pd.DataFrame] = {}
+    umaps: dict[tuple, dict[str, np.ndarray]] = {}
+    missing: list[tuple] = []
+    first_seed = min((ident[3] for ident, _ in entries), default=0)
+    for ident, job in entries:
+        eval_key = next((k for k in job.eval_keys if cache.has_eval(job.key, k)), None)
+        if eval_key is None:
+            missing.append(ident)
+            continue
+        ev = cache.load_eval(job.key, eval_key)
+        meta = cache.meta(job.key)
+        rows.append(_row(ident, job, meta, ev["metrics"]))
+        dataset, n_sites, method, seed = ident
+        for point in ev["curve"]:
+            curves.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "label": METHODS[method].label,
+                    "n_sites": n_sites,
+                    "seed": seed,
+                    **point,
+                }
+            )
+        history = cache.load_history(job.key)
+        if history is not None:
+            histories[ident] = history
+        if seed == first_seed and ev["umap"] is not None:
+            umaps.setdefault((dataset, n_sites), {})[METHODS[method].label] = ev["umap"]
+    results = pd.DataFrame(rows)
+    if not results.empty:
+        order = [c for c in ID_COLUMNS if c in results] + [
+            c for c in results.columns if c not in ID_COLUMNS
+        ]
+        results = results[order]
+    return BenchmarkRun(
+        results=results,
+        curves=pd.DataFrame(curves),
+        histories=histories,
+        umaps=umaps,
+        obs=obs,
+        n_jobs=n_jobs,
+        computed=computed,
+        missing=missing,
+        seconds=seconds,
+    )

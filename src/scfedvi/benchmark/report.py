@@ -1,0 +1,311 @@
+"""Write a benchmark's outputs: results.csv, curves and histories, figures, report.md/.html."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from scfedvi.benchmark.methods import METHODS, POOLED_REFERENCE, tool_version
+from scfedvi.benchmark.runner import BenchmarkRun, BenchmarkSettings
+from scfedvi.benchmark.task import SITE_KEY
+from scfedvi.report import tables as T
+from scfedvi.report.markdown import Block
+
+#: Distributions whose versions every report prints.
+VERSIONS = (
+    "scfedvi",
+    "torch",
+    "scvi-tools",
+    "flwr",
+    "scanpy",
+    "anndata",
+    "numpy",
+    "harmonypy",
+    "scib-metrics",
+    "umap-learn",
+)
+#: The paper's published pancreas figures (DESIGN.md), for comparison.
+PAPER_PANCREAS = {
+    "batch": {
+        "scVI per site (paper)": ["1.89 ± 0.83", "1.87 ± 0.80", "1.79 ± 0.79"],
+        "scFedVI (paper)": ["2.40 ± 1.05", "2.55 ± 1.09", "2.30 ± 0.96"],
+    },
+    "celltype": {
+        "scVI per site (paper)": ["1.10 ± 0.30", "1.13 ± 0.35", "1.22 ± 0.48"],
+        "scFedVI (paper)": ["1.08 ± 0.26", "1.09 ± 0.28", "1.12 ± 0.32"],
+    },
+}
+
+
+def versions() -> dict[str, str]:
+    """Python and the versions of :data:`VERSIONS`."""
+    return {"python": platform.python_version(), **{d: tool_version(d) for d in VERSIONS}}
+
+
+def _partition_table(obs: pd.DataFrame, batch_key: str) -> pd.DataFrame:
+    g = obs.groupby(SITE_KEY, observed=True)
+    return pd.DataFrame(
+        {
+            "cells": g.size(),
+            "batches": g[batch_key].agg(lambda s: ", ".join(sorted(map(str, s.unique())))),
+        }
+    ).rename_axis("site")
+
+
+def _figures(run: BenchmarkRun, settings: BenchmarkSettings, fig_dir: Path) -> list[Block]:
+    from scfedvi.report.benchmark_figures import plot_quality_vs_communication, plot_training_curves
+    from scfedvi.report.figures import plot_umaps
+
+    blocks: list[Block] = [("h2", "Figures")]
+    specs = {s.name: s for s in settings.datasets}
+    for (ds, n), coords in sorted(run.umaps.items()):
+        spec = specs[ds]
+        obs = run.obs[(ds, n)]
+        order = [METHODS[m].label for m in settings.methods if METHODS[m].label in coords]
+        path = fig_dir / f"umap_{ds}_{n}sites.png"
+        plot_umaps(
+            {k: coords[k] for k in order},
+            obs,
+            [spec.batch_key, spec.label_key],
+            path,
+            point_size=2.0,
+        )
+        blocks.append(
+            (
+                "img",
+                path,
+                f"UMAPs, {ds}, {n} sites: colour = batch ({spec.batch_key}) "
+                f"and cell type ({spec.label_key}); first seed",
+            )
+        )
+    labelled = {(d, n, METHODS[m].label, s): h for (d, n, m, s), h in run.histories.items()}
+    curve_png = plot_training_curves(labelled, fig_dir / "training_curves.png")
+    if curve_png:
+        blocks.append(("img", curve_png, "Training loss per round (scFedVI methods, first seed)"))
+    if not run.curves.empty:
+        ref = run.results[run.results["method"] == POOLED_REFERENCE].copy()
+        if not ref.empty and "scib: Total" in ref:
+            ref["scib_total_fast"] = ref.apply(T.fast_scib_total, axis=1)
+        qc_png = plot_quality_vs_communication(
+            run.curves, ref, fig_dir / "quality_vs_communication.png"
+        )
+        if qc_png:
+            blocks.append(
+                (
+                    "img",
+                    qc_png,
+                    "Integration quality against communication: scFedVI "
+                    "methods at intermediate rounds (mean over seeds); dashed line: pooled "
+                    "scVI, the non-private upper bound",
+                )
+            )
+    return blocks
+
+
+def _timing(results: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (ds, n), r in results.groupby(["dataset", "n_sites"]):
+        pooled = r[r["method"] == POOLED_REFERENCE]
+        for m in ("scfedvi", "fedavg"):
+            f = r[r["method"] == m]
+            if f.empty or pooled.empty:
+                continue
+            rows.append(
+                {
+                    "dataset": ds,
+                    "sites": n,
+                    "method": METHODS[m].label,
+                    "epochs (method / pooled)": f"{f['epochs'].mean():.0f} / {pooled['epochs'].mean():.0f}",
+                    "seconds (method / pooled)": f"{f['train_seconds'].mean():.0f} / "
+                    f"{pooled['train_seconds'].mean():.0f}",
+                    "ratio": round(f["train_seconds"].mean() / pooled["train_seconds"].mean(), 2),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def build_blocks(
+    run: BenchmarkRun, settings: BenchmarkSettings, out: Path, command: str, seconds: float
+) -> list[Block]:
+    """Every section of the report, as blocks."""
+    res, labels = run.results, [METHODS[m].label for m in settings.methods]
+    b: list[Block] = [("h1", "scfedvi benchmark"), ("pre", command)]
+    b.append(
+        (
+            "p",
+            (
+                f"Data sets: {', '.join(s.name for s in settings.datasets)}; sites: "
+                f"{', '.join(map(str, settings.clients))}; seeds: {', '.join(map(str, settings.seeds))}; "
+                f"{'quick mode (smoke test: short schedules, small data; not a result)' if settings.quick else 'full mode'}. "
+                f"Wall time {seconds:.0f} s; this run computed {run.computed['embeddings']} embeddings and "
+                f"{run.computed['evaluations']} evaluations ({run.n_jobs} distinct jobs, the rest from the cache)."
+            ),
+        )
+    )
+    if run.missing or run.failed:
+        lost = [" ".join(map(str, m)) for m in run.missing]
+        b.append(
+            (
+                "p",
+                f"**Missing results** ({len(lost)}): {'; '.join(lost)}. Failures: "
+                + ("; ".join(f"{j}: {e}" for j, e in run.failed) or "none")
+                + ".",
+            )
+        )
+    if res.empty:
+        return b
+    b.append(("h2", "The paper's tables: per-cell LISI, mean ± sd over cells"))
+    b.append(
+        (
+            "p",
+            "Batch LISI: higher is better mixing (1 to the number of batches). Cell-type "
+            "LISI: lower keeps cell types apart. With several seeds each cell is the mean over "
+            "seeds of the per-cell mean and sd. Batch LISI alone cannot rank methods: per-site "
+            "embeddings live in unaligned spaces that overlap by accident; read it beside "
+            "cell-type LISI and the scIB bio-conservation scores.",
+        )
+    )
+    for ds in dict.fromkeys(res["dataset"]):
+        for metric, name in (("batch", "batch LISI"), ("celltype", "cell-type LISI")):
+            t = T.paper_table(res, ds, metric, labels)
+            b.append(
+                ("table", t, f"{ds}: {name} (batch = {res[res.dataset == ds].batch_key.iloc[0]})")
+            )
+            if ds == "pancreas" and list(t.columns) == ["2 sites", "3 sites", "5 sites"]:
+                pub = pd.DataFrame(PAPER_PANCREAS[metric], index=t.columns).T
+                pub.index.name = "method"
+                b.append(("table", pub, f"{ds}: {name} as published in the scFedVI paper"))
+    if len(settings.seeds) > 1:
+        b.append(("h2", "Across seeds"))
+        for ds in dict.fromkeys(res["dataset"]):
+            b.append(
+                (
+                    "table",
+                    T.seed_table(res, ds, "batch_lisi_mean", labels),
+                    f"{ds}: batch LISI mean, mean ± sd over seeds",
+                )
+            )
+            if "scib: Total" in res:
+                b.append(
+                    (
+                        "table",
+                        T.seed_table(res, ds, "scib: Total", labels, 3),
+                        f"{ds}: scIB total, mean ± sd over seeds",
+                    )
+                )
+    if "scib: Total" in res:
+        b.append(("h2", "scIB metrics"))
+        b.append(
+            (
+                "p",
+                "scib-metrics' Benchmarker, raw (not min-max scaled) scores; Total = 0.6 × "
+                "bio conservation + 0.4 × batch correction. Cells: Total (bio / batch), mean "
+                "over seeds." + (" Quick mode: without kBET and Leiden." if settings.quick else ""),
+            )
+        )
+        for ds in dict.fromkeys(res["dataset"]):
+            b.append(("table", T.scib_summary(res, ds, labels), f"{ds}: scIB total (bio / batch)"))
+            for n in sorted(res[res.dataset == ds]["n_sites"].unique()):
+                b.append(
+                    (
+                        "table",
+                        T.scib_detail(res, ds, n, labels),
+                        f"{ds}, {n} sites: every scIB metric",
+                    )
+                )
+        tgt = T.target_table(res)
+        if not tgt.empty:
+            b.append(("h2", "The issue's targets for scFedVI's default configuration"))
+            b.append(("table", tgt, "scFedVI vs pooled scVI (LISI) and scVI per site (scIB total)"))
+    b.append(("h2", "Cost: training time and communication"))
+    for ds in dict.fromkeys(res["dataset"]):
+        b.append(
+            ("table", T.cost_table(res, ds, labels), f"{ds}: training seconds, MB communicated")
+        )
+    timing = _timing(res)
+    if not timing.empty:
+        b.append(
+            (
+                "table",
+                timing,
+                "Federated training (all sites, all rounds, in process) against "
+                "scvi-tools' pooled training, measured in the same run",
+            )
+        )
+    b.extend(_figures(run, settings, out / "figures"))
+    b.extend(_config_blocks(run, settings))
+    return b
+
+
+def _config_blocks(run: BenchmarkRun, settings: BenchmarkSettings) -> list[Block]:
+    b: list[Block] = [("h2", "Configuration")]
+    cfg: dict[str, Any] = {
+        "settings": {k: v for k, v in settings.__dict__.items() if k != "datasets"},
+        "datasets": [s.__dict__ for s in settings.datasets],
+        "methods": {m: METHODS[m].settings(settings.quick) for m in settings.methods},
+    }
+    b.append(("pre", json.dumps(cfg, indent=1, default=str)))
+    for (ds, n), obs in sorted(run.obs.items()):
+        spec = next(s for s in settings.datasets if s.name == ds)
+        b.append(("table", _partition_table(obs, spec.batch_key), f"partition: {ds}, {n} sites"))
+    b.append(("h2", "Versions and machine"))
+    v = versions()
+    v["machine"] = f"{platform.platform()}, {os.cpu_count()} CPUs"
+    b.append(("table", pd.DataFrame({"version": v}).rename_axis("component"), None))
+    b.append(
+        (
+            "p",
+            f"Seeds: {', '.join(map(str, settings.seeds))} (methods' seeds; partitions and "
+            "subsamples use seed 0).",
+        )
+    )
+    return b
+
+
+def write_report(
+    run: BenchmarkRun,
+    settings: BenchmarkSettings,
+    out: str | os.PathLike,
+    *,
+    command: str,
+    seconds: float,
+) -> dict[str, Path]:
+    """Write results.csv, curves.csv, histories.csv, figures/, report.md and report.html."""
+    from scfedvi.report.html import to_html
+    from scfedvi.report.markdown import to_markdown
+
+    d = Path(out)
+    (d / "figures").mkdir(parents=True, exist_ok=True)
+    files = {
+        "results": d / "results.csv",
+        "report_md": d / "report.md",
+        "report_html": d / "report.html",
+    }
+    run.results.to_csv(files["results"], index=False)
+    if not run.curves.empty:
+        files["curves"] = d / "curves.csv"
+        run.curves.to_csv(files["curves"], index=False)
+    if run.histories:
+        files["histories"] = d / "histories.csv"
+        frames = [
+            h.assign(dataset=k[0], n_sites=k[1], method=k[2], seed=k[3])
+            for k, h in run.histories.items()
+        ]
+        pd.concat(frames, ignore_index=True).to_csv(files["histories"], index=False)
+    blocks = build_blocks(run, settings, d, command, seconds)
+    files["report_md"].write_text(to_markdown(blocks, d))
+    files["report_html"].write_text(to_html(blocks, "scfedvi benchmark"))
+    meta = {
+        "command": command,
+        "seconds": seconds,
+        "versions": versions(),
+        "computed": run.computed,
+        "missing": [list(m) for m in run.missing],
+    }
+    (d / "run.json").write_text(json.dumps(meta, indent=1, default=str))
+    return files

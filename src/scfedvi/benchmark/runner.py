@@ -1,0 +1,186 @@
+"""Run a benchmark: the missing jobs of its plan, cached, in parallel, then collect the results.
+
+:func:`~scfedvi.benchmark.plan.plan` turns :class:`BenchmarkSettings` into jobs with cache
+keys; :func:`execute` runs one job (embedding, then metrics and UMAP) in any process;
+:func:`run_benchmark` runs the missing jobs (a process pool with ``jobs > 1``) and collects
+every result from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scfedvi.benchmark.cache import ResultCache
+from scfedvi.benchmark.evaluate import evaluate
+from scfedvi.benchmark.methods import METHODS
+from scfedvi.benchmark.plan import BenchmarkSettings, Job, plan
+from scfedvi.benchmark.task import Task, eval_adata, load_data
+
+__all__ = ["BenchmarkRun", "BenchmarkSettings", "Job", "execute", "plan", "run_benchmark"]
+
+_COST = {"pca": 0, "harmony": 1, "scvi-pooled": 9}
+
+
+@dataclass
+class BenchmarkRun:
+    """What a benchmark produced: rows, curves, histories, UMAPs, and what was computed."""
+
+    results: pd.DataFrame
+    curves: pd.DataFrame
+    histories: dict[tuple, pd.DataFrame]
+    umaps: dict[tuple, dict[str, np.ndarray]]
+    obs: dict[tuple, pd.DataFrame]
+    n_jobs: int
+    computed: dict[str, int]
+    missing: list[tuple]
+    seconds: float
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _task(job: Job) -> Task:
+    adata = load_data(job.dataset)
+    cells = eval_adata(adata, {s: list(c) for s, c in job.partition})
+    return Task(
+        cells,
+        [s for s, _ in job.partition],
+        job.dataset.batch_key,
+        job.dataset.label_key,
+        list(job.genes),
+        job.seed,
+        job.quick,
+        job.n_top_genes,
+    )
+
+
+def _found_eval(cache: ResultCache, job: Job) -> str | None:
+    return next((k for k in job.eval_keys if cache.has_eval(job.key, k)), None)
+
+
+def execute(job: Job, cache_root: str) -> dict[str, Any]:
+    """Run one job in this process: the embedding (unless cached), then its evaluation."""
+    from scfedvi.benchmark.baselines import pca_settings, unintegrated_pca
+
+    cache = ResultCache(cache_root)
+    t0 = time.perf_counter()
+    out = {"key": job.key, "embedding": False, "evaluation": False}
+    if _found_eval(cache, job) is not None:
+        return out | {"seconds": time.perf_counter() - t0}
+    task = _task(job)
+    if cache.has_embedding(job.key):
+        result = cache.load_embedding(job.key)
+    else:
+        method = METHODS[job.method]
+        result = method.run(task, method.settings(job.quick))
+        cache.save_embedding(job.key, result, job.key_parts)
+        out["embedding"] = True
+    pre = unintegrated_pca(task, pca_settings(job.quick), seed=0) if job.scib else None
+    ev = evaluate(
+        result.embedding,
+        task.adata.obs,
+        batch_key=task.batch_key,
+        label_key=task.label_key,
+        pre=pre,
+        scib=job.scib,
+        fast=job.quick,
+        curve=result.curve,
+        umap_seed=0,
+    )
+    cache.save_eval(job.key, job.eval_keys[0], ev)
+    out["evaluation"] = True
+    return out | {"seconds": time.perf_counter() - t0}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_benchmark(
+    settings: BenchmarkSettings,
+    out: str | os.PathLike,
+    *,
+    jobs: int = 1,
+    compute: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> BenchmarkRun:
+    """Run the missing jobs of ``settings`` and collect every result from ``<out>/cache``.
+
+    Parameters
+    ----------
+    jobs
+        Parallel worker processes (1: everything in this process).
+    compute
+        ``False``: collect what the cache holds and compute nothing (a report of the progress).
+    log
+        Progress messages (default: standard error).
+    """
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    root = Path(out) / "cache"
+    cache = ResultCache(root)
+    entries, obs = plan(settings)
+    unique: dict[str, Job] = {}
+    for _, job in entries:
+        unique.setdefault(job.key, job)
+    todo = [j for j in unique.values() if _found_eval(cache, j) is None]
+    todo.sort(key=lambda j: (j.seed, _COST.get(j.method, 5), j.dataset.name, j.n_sites))
+    log(f"benchmark: {len(entries)} results, {len(unique)} distinct jobs, {len(todo)} to compute")
+    computed = {"embeddings": 0, "evaluations": 0}
+    failed: list[tuple[Job, str]] = []
+    if compute and todo:
+        done = 0
+
+        def note(job: Job, r: dict[str, Any]) -> None:
+            nonlocal done
+            done += 1
+            computed["embeddings"] += int(r["embedding"])
+            computed["evaluations"] += int(r["evaluation"])
+            log(
+                f"[{done}/{len(todo)}] {job.dataset.name} {job.n_sites} sites {job.method} "
+                f"seed {job.seed}: {r['seconds']:.0f} s"
+            )
+
+        def fail(job: Job, err: BaseException) -> None:
+            nonlocal done
+            done += 1
+            failed.append((job, f"{type(err).__name__}: {err}"))
+            log(
+                f"[{done}/{len(todo)}] {job.dataset.name} {job.n_sites} sites {job.method} "
+                f"seed {job.seed}: FAILED ({type(err).__name__}: {err})"
+            )
+
+        if jobs <= 1:
+            for job in todo:
+                try:
+                    note(job, execute(job, str(root)))
+                except Exception as err:  # one failed job must not lose the others
+                    fail(job, err)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(jobs, ctx, _init_worker, (threads,)) as pool:
+                futures = {pool.submit(execute, j, str(root)): j for j in todo}
+                for f in as_completed(futures):
+                    try:
+                        note(futures[f], f.result())
+                    except Exception as err:
+                        fail(futures[f], err)
+    from scfedvi.benchmark.collect import collect
+
+    run = collect(entries, obs, cache, computed, len(unique), time.perf_counter() - t0)
+    run.failed = [
+        (f"{j.dataset.name} {j.n_sites} sites {j.method} seed {j.seed}", e) for j, e in failed
+    ]
+    return run
