@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="scfedvi-demo", help="output folder (default: scfedvi-demo)")
     d.add_argument("--cells", type=int, default=3000, help="simulated cells (default: 3000)")
     d.add_argument("--genes", type=int, default=1000, help="simulated genes (default: 1000)")
+    d.add_argument(
+        "--composition",
+        type=float,
+        default=0.5,
+        help="how much the sites' cell-type mixes differ (0: equal; default: 0.5)",
+    )
     d.add_argument("--no-figures", action="store_true", help="skip the UMAP figure")
     d.add_argument(
         "--overwrite", action="store_true", help="write into a folder holding other files"

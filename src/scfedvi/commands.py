@@ -25,6 +25,7 @@ def demo(args: argparse.Namespace) -> int:
         n_cells=args.cells,
         n_genes=args.genes,
         seed=args.seed,
+        composition=args.composition,
         overwrite=args.overwrite,
         figures=not args.no_figures,
         **kw,

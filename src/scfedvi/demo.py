@@ -61,8 +61,12 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
     figures: bool = True,
+    composition: float = 0.5,
 ) -> DemoResult:
     """Simulate ``n_sites`` sites (one technology each), train scFedVI, compare with per-site scVI.
+
+    ``composition`` sets how much the sites' cell-type mixes differ (each site's mix is drawn
+    from ``Dirichlet(1 / composition)``; 0: the same mix everywhere).
 
     Both methods use this project's model with the same schedule; the per-site baseline is the
     paper's comparison (scVI fit separately at each site, embeddings concatenated).
@@ -73,7 +77,14 @@ def run_demo(
 
     d = prepare_out_dir(out, overwrite)
     t0 = time.perf_counter()
-    adata = simulate(n_cells=n_cells, n_genes=n_genes, n_batches=n_sites, n_cell_types=5, seed=seed)
+    adata = simulate(
+        n_cells=n_cells,
+        n_genes=n_genes,
+        n_batches=n_sites,
+        n_cell_types=5,
+        composition=composition,
+        seed=seed,
+    )
     adata.obs["site"] = ["site-" + str(b) for b in adata.obs["batch"].cat.codes]
     cfg = demo_config(n_rounds, local_epochs, seed)
     model = ScFedVI.from_sites(
@@ -141,6 +152,7 @@ def run_demo(
         "rounds": n_rounds,
         "local_epochs": local_epochs,
         "seed": seed,
+        "composition": composition,
         "seconds": seconds,
         "config": cfg.to_dict(),
         "table": table.reset_index().to_dict(orient="records"),
