@@ -139,3 +139,27 @@ def test_own_h5ad_with_custom_keys_and_partition_file(tmp_path, own_h5ad):
     assert "partition: own, 2 sites" in md and re.search(
         r"\| left \| \d+ \| batch-0, batch-1 \|", md
     )
+
+
+@pytest.mark.scvi
+@pytest.mark.slow
+def test_report_only_reuses_results_of_other_code_flagged(simulated_run, monkeypatch):
+    from scfedvi.benchmark import plan as plan_module
+    from scfedvi.benchmark.cli import settings_from_args
+    from scfedvi.benchmark.report import build_blocks
+    from scfedvi.benchmark.runner import run_benchmark
+
+    out, argv = simulated_run
+    real = plan_module.source_hash
+    monkeypatch.setattr(  # another version of the core code, the same metrics code
+        plan_module,
+        "source_hash",
+        lambda *parts: "another-version" if parts == plan_module.CORE_CODE else real(*parts),
+    )
+    settings = settings_from_args(parse(argv))
+    run = run_benchmark(settings, out, compute=False)
+    assert run.computed == {"embeddings": 0, "evaluations": 0} and not run.missing
+    flagged = set(run.results.loc[run.results["other_code"], "method"])
+    assert flagged == {"scfedvi", "fedavg"}  # the baselines do not depend on scfedvi's core
+    text = " ".join(str(b[1]) for b in build_blocks(run, settings, out, "cmd", 0.0) if b[0] == "p")
+    assert "4 of 12 results were computed with another version" in text

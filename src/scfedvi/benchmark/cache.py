@@ -144,3 +144,24 @@ class ResultCache:
 
     def meta(self, key: str) -> dict[str, Any]:
         return json.loads((self._dir(key) / "meta.json").read_text())
+
+    # -- results of an earlier code version (``--report-only``) ------------------------------
+    def find_other_code(self, parts: dict[str, Any]) -> str | None:
+        """An entry whose key parts equal ``parts`` but for ``"code"`` (the newest), or None."""
+        want = {k: v for k, v in parts.items() if k != "code"}
+        want = json.loads(json.dumps(want, default=str))
+        found = []
+        for meta in self.root.glob("*/meta.json"):
+            got = json.loads(meta.read_text()).get("key_parts", {})
+            if {k: v for k, v in got.items() if k != "code"} == want:
+                found.append((meta.stat().st_mtime, meta.parent.name))
+        return max(found)[1] if found else None
+
+    def any_eval(self, key: str, scib: bool) -> str | None:
+        """The newest evaluation of an entry (with scIB metrics if ``scib``), or None."""
+        found = []
+        for path in self._dir(key).glob("eval-*.json"):
+            metrics = json.loads(path.read_text())["metrics"]
+            if not scib or any(k.startswith("scib: ") for k in metrics):
+                found.append((path.stat().st_mtime, path.stem[len("eval-") :]))
+        return max(found)[1] if found else None

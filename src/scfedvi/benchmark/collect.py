@@ -53,8 +53,14 @@ def collect(
     computed: dict[str, int],
     n_jobs: int,
     seconds: float,
+    *,
+    other_code: bool = False,
 ) -> BenchmarkRun:
-    """Read every entry's embedding metadata and evaluation from ``cache``."""
+    """Read every entry's embedding metadata and evaluation from ``cache``.
+
+    With ``other_code``, an entry missing for the current core code (or metrics code) is
+    replaced by one computed with another version of it, flagged ``other_code`` in its row.
+    """
     from scfedvi.benchmark.runner import BenchmarkRun
 
     rows: list[dict] = []
@@ -64,13 +70,20 @@ def collect(
     missing: list[tuple] = []
     first_seed = min((ident[3] for ident, _ in entries), default=0)
     for ident, job in entries:
-        eval_key = next((k for k in job.eval_keys if cache.has_eval(job.key, k)), None)
+        key = job.key
+        eval_key = next((k for k in job.eval_keys if cache.has_eval(key, k)), None)
+        stale = False
+        if eval_key is None and other_code:
+            if not cache.has_embedding(key):
+                key = cache.find_other_code(job.key_parts) or key
+            eval_key = cache.any_eval(key, job.scib) if cache.has_embedding(key) else None
+            stale = eval_key is not None
         if eval_key is None:
             missing.append(ident)
             continue
-        ev = cache.load_eval(job.key, eval_key)
-        meta = cache.meta(job.key)
-        rows.append(_row(ident, job, meta, ev["metrics"]))
+        ev = cache.load_eval(key, eval_key)
+        meta = cache.meta(key)
+        rows.append(_row(ident, job, meta, ev["metrics"]) | {"cache_key": key, "other_code": stale})
         dataset, n_sites, method, seed = ident
         for point in ev["curve"]:
             curves.append(
@@ -83,7 +96,7 @@ def collect(
                     **point,
                 }
             )
-        history = cache.load_history(job.key)
+        history = cache.load_history(key)
         if history is not None:
             histories[ident] = history
         if seed == first_seed and ev["umap"] is not None:

@@ -264,6 +264,13 @@ def _registry() -> dict[str, Method]:
             run_scfedvi,
         ),
         Method(
+            "scfedvi-global-norm",
+            "scFedVI global BatchNorm statistics",
+            fed,
+            scfedvi_settings({"federation": {"norm_stats": "global"}}),
+            run_scfedvi,
+        ),
+        Method(
             "scfedvi-1-epoch",
             "scFedVI 1 local epoch",
             fed,

@@ -43,8 +43,27 @@ PAPER_PANCREAS = {
 
 
 def versions() -> dict[str, str]:
-    """Python and the versions of :data:`VERSIONS`."""
-    return {"python": platform.python_version(), **{d: tool_version(d) for d in VERSIONS}}
+    """Python, the versions of :data:`VERSIONS`, the hash of scfedvi's core code and its commit."""
+    import subprocess
+
+    from scfedvi.benchmark.methods import CORE_CODE, source_hash
+
+    v = {"python": platform.python_version(), **{d: tool_version(d) for d in VERSIONS}}
+    v["scfedvi core code (sha256)"] = source_hash(*CORE_CODE)
+    try:
+        root = Path(__file__).resolve().parents[3]
+        r = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        if r.returncode == 0 and r.stdout.strip():
+            v["git commit"] = r.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return v
 
 
 def _partition_table(obs: pd.DataFrame, batch_key: str) -> pd.DataFrame:
@@ -159,6 +178,18 @@ def build_blocks(
         )
     if res.empty:
         return b
+    if "other_code" in res and res["other_code"].astype(bool).any():
+        stale = res[res["other_code"].astype(bool)]
+        b.append(
+            (
+                "p",
+                f"**Note**: {len(stale)} of {len(res)} results were computed with another "
+                "version of scfedvi's core or metrics code than the one installed now "
+                "(`--report-only` reuses them; rerun without it to recompute): "
+                + ", ".join(sorted(set(stale["label"])))
+                + ".",
+            )
+        )
     b.append(("h2", "The paper's tables: per-cell LISI, mean ± sd over cells"))
     b.append(
         (

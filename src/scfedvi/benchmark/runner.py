@@ -122,7 +122,9 @@ def run_benchmark(
     jobs
         Parallel worker processes (1: everything in this process).
     compute
-        ``False``: collect what the cache holds and compute nothing (a report of the progress).
+        ``False``: collect what the cache holds and compute nothing (a report of the progress);
+        results computed with another version of scfedvi's core or metrics code are then used
+        too, flagged ``other_code``.
     log
         Progress messages (default: standard error).
     """
@@ -179,7 +181,15 @@ def run_benchmark(
                         fail(futures[f], err)
     from scfedvi.benchmark.collect import collect
 
-    run = collect(entries, obs, cache, computed, len(unique), time.perf_counter() - t0)
+    run = collect(
+        entries,
+        obs,
+        cache,
+        computed,
+        len(unique),
+        time.perf_counter() - t0,
+        other_code=not compute,
+    )
     run.failed = [
         (f"{j.dataset.name} {j.n_sites} sites {j.method} seed {j.seed}", e) for j, e in failed
     ]
