@@ -81,6 +81,8 @@ def plot_quality_vs_communication(
     if curves.empty:
         return None
     plt = _plt()
+    from matplotlib.ticker import NullFormatter
+
     ys = [("batch_lisi_mean", "batch LISI (mean per cell)")]
     if "scib_total_fast" in curves and curves["scib_total_fast"].notna().any():
         ys.append(("scib_total_fast", "scIB total (fast metrics)"))
@@ -92,7 +94,11 @@ def plot_quality_vs_communication(
     colors = plt.get_cmap("tab10")
     for i, ds in enumerate(datasets):
         c = curves[curves["dataset"] == ds]
-        keys = sorted({(lab, n) for lab, n in zip(c["label"], c["n_sites"], strict=True)})
+        labels = list(dict.fromkeys(c["label"]))  # the methods' order: the first drawn solid
+        keys = sorted(
+            {(lab, n) for lab, n in zip(c["label"], c["n_sites"], strict=True)},
+            key=lambda ln: (labels.index(ln[0]), ln[1]),
+        )
         sites = sorted({n for _, n in keys})
         for j, (ycol, ylabel) in enumerate(ys):
             for k, (xcol, xlabel) in enumerate(xs):
@@ -100,7 +106,7 @@ def plot_quality_vs_communication(
                 for lab, n in keys:
                     pts = c[(c["label"] == lab) & (c["n_sites"] == n)]
                     g = pts.groupby("round")[[xcol, ycol]].mean()
-                    style = ["-", "--", ":", "-."][sorted({x for x, _ in keys}).index(lab) % 4]
+                    style = ["-", "--", ":", "-."][labels.index(lab) % 4]
                     ax.plot(
                         g[xcol],
                         g[ycol],
@@ -119,7 +125,9 @@ def plot_quality_vs_communication(
                         ls="--",
                         label=f"{reference_label} (line to reach)",
                     )
-                ax.set_xlabel(xlabel)
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.set_xlabel(xlabel + " (log scale)")
                 ax.set_ylabel(ylabel)
                 ax.set_title(ds, fontsize=10)
                 if k == n_c - 1:
