@@ -163,3 +163,14 @@ def test_report_only_reuses_results_of_other_code_flagged(simulated_run, monkeyp
     assert flagged == {"scfedvi", "fedavg"}  # the baselines do not depend on scfedvi's core
     text = " ".join(str(b[1]) for b in build_blocks(run, settings, out, "cmd", 0.0) if b[0] == "p")
     assert "4 of 12 results were computed with another version" in text
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_results(tmp_path, own_h5ad):
+    keys = [str(own_h5ad), "--batch-key", "lab", "--label-key", "ctype", "--clients", "2,3"]
+    keys += ["--methods", "pca,harmony", "--no-scib"]
+    assert run_cli([*keys, "--jobs", "2", "--out", str(tmp_path / "par")]) == 0
+    assert run_cli([*keys, "--out", str(tmp_path / "seq")]) == 0
+    par, seq = read_results(tmp_path / "par"), read_results(tmp_path / "seq")
+    cols = ["batch_lisi_mean", "celltype_lisi_mean", "celltype_lisi_sd"]
+    assert len(par) == 4 and par[cols].round(6).equals(seq[cols].round(6))
