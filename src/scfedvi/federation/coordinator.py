@@ -114,14 +114,14 @@ class Coordinator:
                 f"{self.config.federation.min_sites} (rejected: {rejected}, dropped: {list(dropped)})"
             )
         priv = self.config.privacy
-        if priv.enabled:
+        if priv.clip_norm is not None:
             rng = np.random.default_rng([self.config.federation.seed, r, 7])
             avg, info = dp_average(
                 kept,
                 self.params,
                 clip_norm=priv.clip_norm,
                 noise_multiplier=priv.noise_multiplier,
-                rng=rng,  # type: ignore[arg-type]
+                rng=rng,
             )
             info["dp_epsilon"] = gaussian_epsilon(priv.noise_multiplier, r + 1, priv.delta)
             self.history.append({"round": r, "site": "(server)", "status": "dp", **info})
@@ -185,7 +185,7 @@ class Coordinator:
 
 def _atomic_npz(path: Path, arrays: Params) -> None:
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
 
 

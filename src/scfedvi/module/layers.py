@@ -47,14 +47,14 @@ class FCLayers(nn.Module):
             layers.append(
                 (
                     f"Layer {i}",
-                    nn.Sequential(
+                    nn.Sequential(  # None slots keep scvi-tools' indices (and parameter names)
                         nn.Linear(d_in + extra, d_out),
-                        nn.BatchNorm1d(d_out, momentum=0.01, eps=0.001)
+                        nn.BatchNorm1d(d_out, momentum=0.01, eps=0.001)  # type: ignore[arg-type]
                         if norm == "batch"
                         else None,
-                        nn.LayerNorm(d_out, elementwise_affine=False) if norm == "layer" else None,
+                        nn.LayerNorm(d_out, elementwise_affine=False) if norm == "layer" else None,  # type: ignore[arg-type]
                         nn.ReLU(),
-                        nn.Dropout(p=dropout_rate) if dropout_rate > 0 else None,
+                        nn.Dropout(p=dropout_rate) if dropout_rate > 0 else None,  # type: ignore[arg-type]
                     ),
                 )
             )
@@ -65,10 +65,10 @@ class FCLayers(nn.Module):
 
     def forward(self, x: torch.Tensor, batch_index: torch.Tensor | None = None) -> torch.Tensor:
         cov = one_hot(batch_index, self.n_cat) if self.n_cat and batch_index is not None else None
-        for i, block in enumerate(self.fc_layers):
+        for i, block in enumerate(self.fc_layers.children()):
             if cov is not None and self._inject(i):
                 x = torch.cat((x, cov), dim=-1)
-            for layer in block:
+            for layer in block.children():
                 if layer is not None:
                     x = layer(x)
         return x

@@ -86,6 +86,7 @@ class VAE(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Parameters of ``p(x | z, s, l)``."""
         px_scale, px_rate, px_dropout = self.decoder(z, library, batch_index)
+        px_r: torch.Tensor
         if self.config.dispersion == "gene":
             px_r = self.px_r
         else:

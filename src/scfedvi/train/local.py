@@ -183,7 +183,7 @@ def local_update(
             out = module.loss(x, b, kl_weight=kl_weight(int(epoch), cfg.n_epochs_kl_warmup))
             loss = out.loss
             if anchor is not None:
-                prox = sum(((p - anchor[k]) ** 2).sum() for k, p in named.items())
+                prox = torch.stack([((p - anchor[k]) ** 2).sum() for k, p in named.items()]).sum()
                 loss = loss + 0.5 * cfg.proximal_mu * prox
             opt.zero_grad()
             loss.backward()
@@ -192,11 +192,11 @@ def local_update(
                     if p.grad is not None:
                         p.grad.add_(correction[k])
             opt.step()
-            m = len(x)
-            sums += m * np.array(
+            n_cells = len(x)
+            sums += n_cells * np.array(
                 [out.loss.item(), out.reconstruction.mean().item(), out.kl_local.mean().item()]
             )
-            n_seen += m
+            n_seen += n_cells
             step += 1
     new_state = get_state(module)
     keys = shared_keys(module, norm_stats)

@@ -63,9 +63,10 @@ def batch_owned_columns(module: VAE) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     for prefix, sub in module.named_modules():
         if isinstance(sub, FCLayers) and sub.n_cat:
-            for i, block in enumerate(sub.fc_layers):
+            for i, block in enumerate(sub.fc_layers.children()):
                 if sub._inject(i):
-                    lin = block[0]
+                    lin = next(iter(block.children()))
+                    assert isinstance(lin, nn.Linear)
                     out[f"{prefix}.fc_layers.Layer {i}.0.weight"] = (1, lin.in_features - sub.n_cat)
     if module.config.dispersion == "gene-batch" and module.n_batch > 1:
         out["px_r"] = (1, 0)
