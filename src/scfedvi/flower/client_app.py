@@ -111,8 +111,16 @@ def schema(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) 
 
 
 def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
+    import os
+
+    import torch
+
     from scfedvi.federation.site import SiteWorker
     from scfedvi.train.local import SiteTensors
+
+    # as the `scfedvi` command: one thread unless the site says otherwise (SCFEDVI_THREADS);
+    # the same thread count as the in-process runtime gives the same floating-point sums
+    torch.set_num_threads(max(1, int(os.environ.get("SCFEDVI_THREADS", "1"))))
 
     c = msg.content.config_records[m.CONFIG]
     sch = node.load_schema(str(c[SCHEMA_HASH]))
