@@ -164,3 +164,26 @@ def test_site_spec_errors(tmp_path, capsys):
         == 2
     )
     assert "no such file" in capsys.readouterr().err
+
+
+def test_benchmark_and_flower_commands_are_wired(tmp_path, small_adata, capsys):
+    p = tmp_path / "mine.h5ad"
+    small_adata.write_h5ad(p)
+    rc = main(
+        [
+            "benchmark",
+            str(p),
+            "--batch-key",
+            "batch",
+            "--label-key",
+            "no_such_column",
+            "--quick",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_column" in err and "Traceback" not in err
+    assert main(["flower", str(tmp_path / "app")]) == 0
+    assert "[tool.flwr.app.components]" in (tmp_path / "app" / "pyproject.toml").read_text()
+    assert main(["flower", str(tmp_path / "app")]) == 2  # never overwritten without --overwrite

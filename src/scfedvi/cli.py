@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output .h5ad (must differ from --input)")
     e.add_argument("--site", default="site", help="site name used in messages")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    from scfedvi.benchmark.cli import add_benchmark_parser
+
+    add_benchmark_parser(sub)
+
     fl = sub.add_parser(
         "flower",
         help="write a Flower app directory for `flwr run` (deployment across machines)",

@@ -165,3 +165,9 @@ def flower(args: argparse.Namespace) -> int:
         f"  flwr run {d} <connection> --run-config \"num-server-rounds=40 batch-key='batch' out-dir='out'\""
     )
     return 0
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    from scfedvi.benchmark.cli import run_benchmark_command
+
+    return run_benchmark_command(args)
