@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="federated run on simulated data (no servers, ~2 minutes)",
+        help="federated run on simulated data (no servers, about a minute)",
         description="Simulate three sites with strong technical batch effects, train "
         "scFedVI in process, compare it with scVI fit separately per site (batch and "
         "cell-type LISI), and write embeddings, the model and a UMAP figure.",
