@@ -74,5 +74,17 @@ def test_the_checker_can_fail():
         check_update(SiteUpdate("a", {"w": np.zeros((2, 3)), "z": np.zeros(5)}, 5, {0: 5}), shapes)
     with pytest.raises(PayloadViolation, match="metric"):
         check_update(SiteUpdate("a", {"w": np.zeros((2, 3))}, 5, {0: 5}, {"cell_ids": 3.0}), shapes)
+    genes = ["g1", "g2", "g3"]
+    ok = {
+        "site": "a",
+        "genes": genes,
+        "batch_counts": {"b": 7},
+        "stats": {"b": {"mean": [1.0, 2.0, 3.0], "n": 7}},
+    }
+    check_summary(ok, 3)  # as many cells as genes: per-gene lists are still fine
+    with pytest.raises(PayloadViolation, match="outside the whitelist"):
+        check_summary({**ok, "per_cell": list(range(7))}, 7)
     with pytest.raises(PayloadViolation, match="one entry per cell"):
-        check_summary({"per_cell": list(range(7))}, 7)
+        check_summary({**ok, "stats": {"b": {"x": list(range(7))}}}, 7)
+    with pytest.raises(PayloadViolation, match="distinct"):
+        check_summary({**ok, "labels": ["t", "t", "u"]}, 7)

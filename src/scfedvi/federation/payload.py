@@ -54,27 +54,46 @@ def check_update(
             raise PayloadViolation(f"{where}: metric {k!r}={v!r} is not a whitelisted scalar")
 
 
+SUMMARY_KEYS = frozenset({"site", "genes", "batch_counts", "stats", "labels"})
+
+
 def check_summary(summary: Mapping[str, Any], n_cells: int, *, site: str = "?") -> None:
-    """Check a harmonization summary: JSON-able values, no list as long as the site's cells.
+    """Check a harmonization summary against its whitelist (structure, not guesses by length).
 
-    Per-gene lists are allowed; a list with one entry per cell is not (checked by length, so a
-    site whose gene count equals its cell count needs no special case only if lists hold genes).
+    Allowed: ``site`` (str), ``genes`` (gene names), ``batch_counts`` (batch -> int),
+    ``stats`` (batch -> statistic -> one number per gene, or one scalar), ``labels`` (the
+    distinct label categories, no repeats). Anything else, including a list with one entry per
+    cell where a per-gene list belongs (``n_cells != n_genes``), is a violation.
     """
-
-    def walk(x: Any, path: str) -> None:
-        if isinstance(x, Mapping):
-            for k, v in x.items():
-                walk(v, f"{path}.{k}")
-        elif isinstance(x, list | tuple):
-            if len(x) == n_cells and not path.endswith(("genes", "clip_values")):
-                raise PayloadViolation(f"site {site!r}: {path} has one entry per cell ({n_cells})")
-            for i, v in enumerate(x[:3]):
-                walk(v, f"{path}[{i}]")
-        elif isinstance(x, np.ndarray):
-            raise PayloadViolation(f"site {site!r}: {path} is an array; summaries are JSON values")
-        elif not (x is None or isinstance(x, str | numbers.Real)):
-            raise PayloadViolation(
-                f"site {site!r}: {path} has a non-JSON value of type {type(x).__name__}"
-            )
-
-    walk(summary, "summary")
+    where = f"site {site!r}"
+    extra = set(summary) - SUMMARY_KEYS
+    if extra:
+        raise PayloadViolation(
+            f"{where}: summary has fields outside the whitelist: {sorted(extra)}"
+        )
+    genes = summary.get("genes", [])
+    if not isinstance(genes, list | tuple) or not all(isinstance(g, str) for g in genes):
+        raise PayloadViolation(f"{where}: summary.genes must be a list of gene names")
+    n_genes = len(genes)
+    for b, c in (summary.get("batch_counts") or {}).items():
+        if not isinstance(b, str) or not isinstance(c, numbers.Integral):
+            raise PayloadViolation(f"{where}: summary.batch_counts must map batch -> cell count")
+    for b, stats in (summary.get("stats") or {}).items():
+        if not isinstance(stats, Mapping):
+            raise PayloadViolation(f"{where}: summary.stats.{b} must map statistic -> values")
+        for k, v in stats.items():
+            path = f"summary.stats.{b}.{k}"
+            if isinstance(v, numbers.Real) and not isinstance(v, bool):
+                continue
+            if not isinstance(v, list | tuple) or len(v) != n_genes:
+                n = len(v) if isinstance(v, list | tuple) else type(v).__name__
+                what = " (one entry per cell)" if n == n_cells else ""
+                raise PayloadViolation(
+                    f"{where}: {path} has {n} values, not one per gene ({n_genes}){what}"
+                )
+            if not all(isinstance(x, numbers.Real) for x in v[:50]):
+                raise PayloadViolation(f"{where}: {path} holds non-numeric values")
+    labels = summary.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list | tuple) or len(set(labels)) != len(labels):
+            raise PayloadViolation(f"{where}: summary.labels must be the distinct label categories")
