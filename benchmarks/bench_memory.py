@@ -108,81 +108,14 @@ class Stages:
         self._t = time.perf_counter()
 
 
-# -- prototypes of the proposed fixes -----------------------------------------------------------
-def lean_place_columns(
-    x: Any, cols: Any, positions: Any, n_genes: int, dtype: Any, chunk_rows: int = 2048
-) -> Any:
-    """Prototype of ``scfedvi.data.projection._place_columns`` for CSR input, same result.
-
-    The original materializes ``x[:, cols]`` (a copy), a cast copy, an int64 ``positions[...]``
-    index array and the result at once: about 4 times the data. This maps the site's column
-    numbers to schema positions with one int32 lookup table and fills a preallocated float32/int32
-    CSR row chunk by row chunk, so beyond the input and the result only one chunk is alive.
-    """
-    import numpy as np
-    from scipy import sparse
-
-    if not sparse.issparse(x):
-        return _ORIGINAL_PLACE_COLUMNS(x, cols, positions, n_genes, dtype)
-    x = sparse.csr_matrix(x)
-    lut = np.full(x.shape[1], -1, dtype=np.int32)  # site column -> schema position
-    lut[np.asarray(cols)] = np.asarray(positions, dtype=np.int32)
-    n = x.shape[0]
-    counts = np.empty(n, dtype=np.int64)
-    for s in range(0, n, chunk_rows):  # pass 1: kept entries per row
-        e = min(s + chunk_rows, n)
-        lo, hi = x.indptr[s], x.indptr[e]
-        kept = (lut[x.indices[lo:hi]] >= 0) & (x.data[lo:hi] != 0)
-        rows = np.repeat(np.arange(e - s), np.diff(x.indptr[s : e + 1]))
-        counts[s:e] = np.bincount(rows[kept], minlength=e - s)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    data = np.empty(int(indptr[-1]), dtype=dtype)
-    indices = np.empty(int(indptr[-1]), dtype=np.int32)
-    for s in range(0, n, chunk_rows):  # pass 2: fill and sort each row's columns
-        e = min(s + chunk_rows, n)
-        lo, hi = x.indptr[s], x.indptr[e]
-        new = lut[x.indices[lo:hi]]
-        kept = (new >= 0) & (x.data[lo:hi] != 0)
-        block = sparse.csr_matrix(
-            (x.data[lo:hi][kept].astype(dtype), new[kept], indptr[s : e + 1] - indptr[s]),
-            shape=(e - s, n_genes),
-        )
-        block.sort_indices()
-        data[indptr[s] : indptr[e]] = block.data
-        indices[indptr[s] : indptr[e]] = block.indices
-    if indptr[-1] < np.iinfo(np.int32).max:
-        indptr = indptr.astype(np.int32)
-    return sparse.csr_matrix((data, indices, indptr), shape=(n, n_genes))
-
-
-_ORIGINAL_PLACE_COLUMNS: Any = None
-
-
+# -- prototype of a further proposed fix ---------------------------------------------------------
+# (the earlier prototype, a chunked projection, is now scfedvi.data.projection._place_columns)
 def install_prototypes() -> None:
-    """Patch the prototypes in (this process only)."""
+    """Patch the prototype in (this process only): keep buffers above 1 MiB in their own
+    mappings, returned to the OS when freed (glibc's default threshold rises to 32 MiB after
+    the first such free, and freed 8 MiB minibatch buffers then stay in the heap)."""
     import ctypes
 
-    import numpy as np
-    from scipy import sparse
-
-    from scfedvi.data import projection
-
-    global _ORIGINAL_PLACE_COLUMNS
-    _ORIGINAL_PLACE_COLUMNS = projection._place_columns
-    # same result as the original on a small matrix with absent genes and explicit zeros
-    rng = np.random.default_rng(0)
-    x = sparse.random(50, 30, density=0.3, format="csr", random_state=1, dtype=np.float64)
-    x.data = np.floor(x.data * 5)  # some explicit zeros
-    cols = rng.permutation(30)[:20]
-    pos = rng.permutation(25)[:20]
-    a = _ORIGINAL_PLACE_COLUMNS(x, cols, pos, 25, np.float32)
-    b = lean_place_columns(x, cols, pos, 25, np.float32, chunk_rows=7)
-    assert (a != b).nnz == 0 and b.has_sorted_indices
-    projection._place_columns = lean_place_columns
-    # keep buffers above 1 MiB in their own mappings, returned to the OS when freed (glibc's
-    # default threshold rises to 32 MiB after the first such free, and freed 8 MiB minibatch
-    # buffers then stay in the heap)
     libc = ctypes.CDLL("libc.so.6")
     m_mmap_threshold = -3
     assert libc.mallopt(m_mmap_threshold, 1 << 20) == 1
