@@ -54,8 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--prototype",
         action="store_true",
-        help="also run the child with the proposed fixes (lean column placement in project, "
-        "a fixed glibc mmap threshold) and compare",
+        help="also run the child with a proposed fix (a fixed glibc mmap threshold) and compare",
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-prototype", action="store_true", help=argparse.SUPPRESS)
