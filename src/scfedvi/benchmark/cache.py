@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,23 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, write)
 
 
+def _holder_alive(path: Path) -> bool:
+    """Whether the process named in a lock file still runs (another host's: assumed so)."""
+    try:
+        host, pid = path.read_text().split()
+    except (OSError, ValueError):
+        return True  # being written right now
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
@@ -72,6 +90,32 @@ class ResultCache:
 
     def _dir(self, key: str) -> Path:
         return self.root / key
+
+    # -- a claim on an entry, so that processes sharing a cache never compute it twice --------
+    def lock(self, key: str) -> bool:
+        """Claim ``key`` for this process; False while another live process holds it.
+
+        The claim is a file ``lock`` (host and pid) created exclusively; a claim left by a
+        process of this host that no longer runs is taken over.
+        """
+        path = self._dir(key) / "lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _holder_alive(path):
+                    return False
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}")
+            return True
+        return False
+
+    def unlock(self, key: str) -> None:
+        """Release this process's claim on ``key``."""
+        (self._dir(key) / "lock").unlink(missing_ok=True)
 
     # -- embeddings --------------------------------------------------------------------------
     def has_embedding(self, key: str) -> bool:

@@ -30,6 +30,12 @@ from scfedvi.benchmark.task import Task, eval_adata, load_data
 __all__ = ["BenchmarkRun", "BenchmarkSettings", "Job", "execute", "plan", "run_benchmark"]
 
 _COST = {"pca": 0, "harmony": 1, "scvi-pooled": 9}
+#: Seconds between checks on jobs that another process computes.
+BUSY_POLL_SECONDS = 30.0
+
+
+def _name(job: Job) -> str:
+    return f"{job.dataset.name} {job.n_sites} sites {job.method} seed {job.seed}"
 
 
 @dataclass
@@ -68,14 +74,28 @@ def _found_eval(cache: ResultCache, job: Job) -> str | None:
 
 
 def execute(job: Job, cache_root: str) -> dict[str, Any]:
-    """Run one job in this process: the embedding (unless cached), then its evaluation."""
-    from scfedvi.benchmark.baselines import pca_settings, unintegrated_pca
+    """Run one job in this process: the embedding (unless cached), then its evaluation.
 
+    A job that another process sharing the cache is computing is left to it (``"busy"``).
+    """
     cache = ResultCache(cache_root)
     t0 = time.perf_counter()
-    out = {"key": job.key, "embedding": False, "evaluation": False}
+    out = {"key": job.key, "embedding": False, "evaluation": False, "busy": False}
     if _found_eval(cache, job) is not None:
         return out | {"seconds": time.perf_counter() - t0}
+    if not cache.lock(job.key):  # another process computes it now
+        return out | {"busy": True, "seconds": time.perf_counter() - t0}
+    try:
+        if _found_eval(cache, job) is None:  # it may have finished it meanwhile
+            out = _compute(job, cache, out)
+    finally:
+        cache.unlock(job.key)
+    return out | {"seconds": time.perf_counter() - t0}
+
+
+def _compute(job: Job, cache: ResultCache, out: dict[str, Any]) -> dict[str, Any]:
+    from scfedvi.benchmark.baselines import pca_settings, unintegrated_pca
+
     task = _task(job)
     if cache.has_embedding(job.key):
         result = cache.load_embedding(job.key)
@@ -97,8 +117,7 @@ def execute(job: Job, cache_root: str) -> dict[str, Any]:
         umap_seed=0,
     )
     cache.save_eval(job.key, job.eval_keys[0], ev)
-    out["evaluation"] = True
-    return out | {"seconds": time.perf_counter() - t0}
+    return out | {"evaluation": True}
 
 
 def _init_worker(threads: int) -> None:
@@ -144,24 +163,24 @@ def run_benchmark(
     if compute and todo:
         done = 0
 
+        busy: list[Job] = []
+
         def note(job: Job, r: dict[str, Any]) -> None:
             nonlocal done
+            if r["busy"]:
+                busy.append(job)
+                log(f"{_name(job)}: computed by another process; collected at the end")
+                return
             done += 1
             computed["embeddings"] += int(r["embedding"])
             computed["evaluations"] += int(r["evaluation"])
-            log(
-                f"[{done}/{len(todo)}] {job.dataset.name} {job.n_sites} sites {job.method} "
-                f"seed {job.seed}: {r['seconds']:.0f} s"
-            )
+            log(f"[{done}/{len(todo)}] {_name(job)}: {r['seconds']:.0f} s")
 
         def fail(job: Job, err: BaseException) -> None:
             nonlocal done
             done += 1
             failed.append((job, f"{type(err).__name__}: {err}"))
-            log(
-                f"[{done}/{len(todo)}] {job.dataset.name} {job.n_sites} sites {job.method} "
-                f"seed {job.seed}: FAILED ({type(err).__name__}: {err})"
-            )
+            log(f"[{done}/{len(todo)}] {_name(job)}: FAILED ({type(err).__name__}: {err})")
 
         if jobs <= 1:
             for job in todo:
@@ -179,6 +198,14 @@ def run_benchmark(
                         note(futures[f], f.result())
                     except Exception as err:
                         fail(futures[f], err)
+        while busy:  # jobs that other processes hold: wait for them (or take them over)
+            time.sleep(BUSY_POLL_SECONDS)
+            waiting, busy[:] = list(busy), []
+            for job in waiting:
+                try:
+                    note(job, execute(job, str(root)))
+                except Exception as err:
+                    fail(job, err)
     from scfedvi.benchmark.collect import collect
 
     run = collect(
@@ -190,7 +217,5 @@ def run_benchmark(
         time.perf_counter() - t0,
         other_code=not compute,
     )
-    run.failed = [
-        (f"{j.dataset.name} {j.n_sites} sites {j.method} seed {j.seed}", e) for j, e in failed
-    ]
+    run.failed = [(_name(j), e) for j, e in failed]
     return run
