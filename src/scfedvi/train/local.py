@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from scfedvi.config import ModelConfig, TrainConfig
-from scfedvi.module.vae import VAE
+from scfedvi.module.vae import VAE, norm_stat_keys
 from scfedvi.train.optim import Adam
 from scfedvi.train.params import Params, get_state, set_state, shared_keys
 
@@ -280,11 +280,8 @@ def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024)
     for m in bns:
         m.momentum = saved[m]
         m.eval()
-    return {
-        k: v
-        for k, v in get_state(module).items()
-        if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
-    }
+    state = get_state(module)
+    return {k: state[k] for k in norm_stat_keys(module)}
 
 
 @torch.no_grad()
