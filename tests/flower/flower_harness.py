@@ -168,16 +168,35 @@ class Cluster:
         wait_port(self.port, 30, self.superlink)
         return self.superlink
 
-    def start_supernode(self, site: str, data: Path, key: Path | None = None, **extra: str) -> Proc:
+    def start_supernode(
+        self, site: str, data: Path, key: Path | None = None, wait: bool = True, **extra: str
+    ) -> Proc:
+        """Start a SuperNode for ``site``; with ``wait``, return once its API port listens."""
         cfg = {"site": site, "data-path": str(data), "state-dir": str(self.root / "sites"), **extra}
         node_config = " ".join(f"{k}='{v}'" for k, v in cfg.items())
         cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}"]
         cmd += ["--root-certificates", str(self.tls[0])] if self.tls else ["--insecure"]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
-        cmd += ["--port", str(free_port()), "--node-config", node_config]
-        self.nodes[site] = self._start(f"supernode-{site}", cmd)
-        return self.nodes[site]
+        cmd += ["--node-config", node_config]
+        for attempt in range(3):
+            # A port found free can be taken by another process before the SuperNode binds
+            # it: wait until it listens, and start again on another port if it lost the race.
+            port = free_port()
+            proc = self._start(f"supernode-{site}", [*cmd, "--port", str(port)])
+            if not wait:
+                self.nodes[site] = proc
+                return proc
+            try:
+                wait_port(port, 30, proc)
+            except RuntimeError:
+                if attempt == 2 or "address already in use" not in proc.tail():
+                    raise
+                self.procs.remove(proc)
+                continue
+            self.nodes[site] = proc
+            return proc
+        raise AssertionError("unreachable")
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(

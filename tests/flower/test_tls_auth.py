@@ -37,7 +37,8 @@ def test_tls_and_supernode_auth(secure_cluster, site_files, in_process, tmp_path
         assert reg.returncode == 0, reg.stdout + reg.stderr
         cluster.start_supernode(site, site_files.paths[site], key=private)
     intruder, _ = make_node_keys(keys, "intruder")  # never registered
-    cluster.start_supernode("intruder", site_files.paths["site-a"], key=intruder)
+    # never registered: it may be turned away (and exit) before its port is up
+    cluster.start_supernode("intruder", site_files.paths["site-a"], key=intruder, wait=False)
 
     run_id = cluster.run_app(write_app_dir(tmp_path / "app"), flower_run_config(out))
     result = wait_result(cluster, out, run_id, timeout=300)
