@@ -154,12 +154,14 @@ def run_floor(adata: Any, batch_key: str, args: argparse.Namespace) -> dict[str,
     rng = np.random.default_rng(args.seed)
     epoch_s, elbo = [], 0.0
     for epoch in range(args.epochs):
-        batches = list(data.iter_minibatches(args.batch_size, rng))  # densified, not timed
+        batches = [  # densified (with their nonzero entries) beforehand, not timed
+            data.training_minibatch(idx) for idx in data.minibatch_indices(args.batch_size, rng)
+        ]
         weight = kl_weight(epoch, TrainConfig().n_epochs_kl_warmup)
         elbos = []
         t = time.perf_counter()
-        for x, b in batches:
-            out = module.loss(x, b, kl_weight=weight)
+        for x, b, nonzero in batches:
+            out = module.loss(x, b, kl_weight=weight, nonzero=nonzero)
             opt.zero_grad()
             out.loss.backward()
             opt.step()

@@ -46,3 +46,28 @@ def test_site_statistics_do_not_depend_on_the_stored_order():
     with torch.no_grad():
         h = m.z_encoder.encoder.fc_layers[0][0](torch.log1p(torch.from_numpy(X.toarray())))
     np.testing.assert_allclose(sorted_stats[key], h.var(0).numpy(), rtol=0.05)
+
+
+def test_training_minibatch_reads_the_nonzeros_off_the_sparse_storage():
+    from scipy.special import gammaln
+
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(rng.gamma(0.3, 4.0, (60, 25))).astype(np.float32)
+    dense[7] = 0.0  # a cell without counts
+    X = sp.csr_matrix(dense)
+    X.data[:3] = 0.0  # stored zeros
+    data_before = X.data.copy()
+    site = SiteTensors(X, np.zeros(60))
+    np.testing.assert_array_equal(X.data, data_before)  # the caller's matrix is untouched
+    assert site.X.nnz == np.count_nonzero(X.toarray())
+    np.testing.assert_allclose(site.log_factorial, gammaln(X.toarray() + 1).sum(1), rtol=1e-6)
+    idx = np.array([7, 3, 59, 0, 12])
+    x, _, nz = site.training_minibatch(idx)
+    want = X.toarray()[idx]
+    np.testing.assert_array_equal(x.numpy(), want)
+    dense_from_nz = torch.zeros_like(x)
+    dense_from_nz[nz.rows, nz.cols] = nz.vals
+    np.testing.assert_array_equal(dense_from_nz.numpy(), want)
+    np.testing.assert_array_equal(nz.lengths.numpy(), (want != 0).sum(1))
+    assert (nz.vals != 0).all()
+    np.testing.assert_allclose(nz.log_factorial.numpy(), gammaln(want + 1).sum(1), rtol=1e-6)

@@ -45,3 +45,30 @@ def test_adam_state_roundtrip_continues_identically():
     net(x).pow(2).mean().backward()
     opt2.step()
     torch.testing.assert_close(net.weight.detach(), want)
+
+
+def test_adam_kernels_agree(monkeypatch):
+    """The fused kernel and the foreach fallback give torch.optim.Adam's parameters."""
+    torch.manual_seed(2)
+    nets = [torch.nn.Linear(6, 3) for _ in range(3)]
+    for n in nets[1:]:
+        n.load_state_dict(nets[0].state_dict())
+    fused = Adam(nets[0].named_parameters(), lr=1e-2, eps=0.01, weight_decay=1e-3)
+    fallback = Adam(nets[1].named_parameters(), lr=1e-2, eps=0.01, weight_decay=1e-3)
+    ref = torch.optim.Adam(nets[2].parameters(), lr=1e-2, eps=0.01, weight_decay=1e-3)
+    x = torch.randn(16, 6)
+    for _ in range(15):
+        for net, opt in zip(nets, (fused, fallback, ref), strict=True):
+            opt.zero_grad()
+            (net(x) ** 2).mean().backward()
+            if opt is fallback:
+                with monkeypatch.context() as m:
+                    m.delattr(torch, "_fused_adam_")
+                    opt.step()
+            else:
+                opt.step()
+    for a, b, c in zip(
+        nets[0].parameters(), nets[1].parameters(), nets[2].parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7)

@@ -9,10 +9,11 @@ from torch import nn
 
 from scfedvi.config import ModelConfig
 from scfedvi.module.distributions import (
+    NonzeroCounts,
     kl_normal_standard,
     log_nb_positive,
     log_poisson,
-    log_zinb_positive,
+    zinb_log_likelihood_cells,
 )
 from scfedvi.module.layers import DecoderSCVI, Encoder, one_hot
 
@@ -98,24 +99,38 @@ class VAE(nn.Module):
             "px_dropout": px_dropout,
         }
 
-    def reconstruction_loss(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Negative log likelihood of the counts, summed over genes (one value per cell)."""
+    def reconstruction_loss(
+        self,
+        x: torch.Tensor,
+        gen: dict[str, torch.Tensor],
+        nonzero: NonzeroCounts | None = None,
+    ) -> torch.Tensor:
+        """Negative log likelihood of the counts, summed over genes (one value per cell).
+
+        ``nonzero``: the nonzero entries of ``x``, when the caller has them from sparse storage.
+        """
         lik = self.config.likelihood
         if lik == "zinb":
-            ll = log_zinb_positive(x, gen["px_rate"], gen["px_r"], gen["px_dropout"])
-        elif lik == "nb":
+            return -zinb_log_likelihood_cells(
+                x, gen["px_rate"], gen["px_r"], gen["px_dropout"], nonzero
+            )
+        if lik == "nb":
             ll = log_nb_positive(x, gen["px_rate"], gen["px_r"])
         else:
             ll = log_poisson(x, gen["px_rate"])
         return -ll.sum(dim=-1)
 
     def loss(
-        self, x: torch.Tensor, batch_index: torch.Tensor, kl_weight: float = 1.0
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        kl_weight: float = 1.0,
+        nonzero: NonzeroCounts | None = None,
     ) -> LossOutput:
         """Mean over cells of ``reconstruction + kl_weight * KL(q(z|x) || p(z))``."""
         inf = self.inference(x, batch_index)
         gen = self.generative(inf["z"], inf["library"], batch_index)
-        rec = self.reconstruction_loss(x, gen)
+        rec = self.reconstruction_loss(x, gen, nonzero)
         kl = kl_normal_standard(inf["qz_m"], inf["qz_v"])
         return LossOutput(loss=(rec + kl_weight * kl).mean(), reconstruction=rec, kl_local=kl)
 

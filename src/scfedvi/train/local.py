@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from scfedvi.config import ModelConfig, TrainConfig
+from scfedvi.module.distributions import NonzeroCounts
 from scfedvi.module.vae import VAE, norm_stat_keys
 from scfedvi.train.optim import Adam
 from scfedvi.train.params import Params, get_state, set_state, shared_keys
@@ -26,9 +27,13 @@ class SiteTensors:
 
     X: sp.csr_matrix
     batch_index: np.ndarray
+    _log_factorial: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.X = sp.csr_matrix(self.X, dtype=np.float32)
+        if _has_stored_zeros(self.X.data):  # dropped from a copy; the caller's matrix is kept
+            self.X = self.X.copy()
+            self.X.eliminate_zeros()
         self.batch_index = np.asarray(self.batch_index, dtype=np.int64)
         if self.X.shape[0] != self.batch_index.shape[0]:
             raise ValueError("X and batch_index have different numbers of cells")
@@ -46,6 +51,39 @@ class SiteTensors:
         x = torch.from_numpy(self.X[idx].toarray())
         return x, torch.from_numpy(self.batch_index[idx])
 
+    def training_minibatch(
+        self, idx: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, NonzeroCounts]:
+        """A minibatch with its nonzero entries, read off the sparse storage."""
+        sub = self.X[idx]
+        lengths = np.diff(sub.indptr).astype(np.int64)
+        nonzero = NonzeroCounts(
+            torch.from_numpy(np.repeat(np.arange(len(idx), dtype=np.int64), lengths)),
+            torch.from_numpy(sub.indices.astype(np.int64)),
+            torch.from_numpy(sub.data),
+            torch.from_numpy(lengths),
+            torch.from_numpy(self.log_factorial[idx]),
+        )
+        return torch.from_numpy(sub.toarray()), torch.from_numpy(self.batch_index[idx]), nonzero
+
+    @property
+    def log_factorial(self) -> np.ndarray:
+        """Each cell's sum over genes of ``lgamma(x + 1)`` (float64 arithmetic), computed once."""
+        if self._log_factorial is None:
+            from scipy.special import gammaln
+
+            indptr, data = self.X.indptr, self.X.data
+            per_cell = np.zeros(self.n_cells, dtype=np.float64)
+            block = max(1, (1 << 22) // max(1, self.X.shape[1]))  # rows per block: bounded memory
+            for r0 in range(0, self.n_cells, block):
+                r1 = min(r0 + block, self.n_cells)
+                lg = gammaln(data[indptr[r0] : indptr[r1]].astype(np.float64) + 1.0)
+                csum = np.concatenate([[0.0], np.cumsum(lg)])
+                starts = indptr[r0 : r1 + 1] - indptr[r0]
+                per_cell[r0:r1] = csum[starts[1:]] - csum[starts[:-1]]
+            self._log_factorial = per_cell.astype(np.float32)
+        return self._log_factorial
+
     def iter_minibatches(
         self, batch_size: int, rng: np.random.Generator | None, *, drop_small: bool = True
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -54,12 +92,23 @@ class SiteTensors:
         A last minibatch of fewer than 3 cells is dropped in training, as scvi-tools does,
         since BatchNorm cannot normalize one cell.
         """
+        for idx in self.minibatch_indices(batch_size, rng, drop_small=drop_small):
+            yield self.minibatch(idx)
+
+    def minibatch_indices(
+        self, batch_size: int, rng: np.random.Generator | None, *, drop_small: bool = True
+    ) -> Iterator[np.ndarray]:
+        """The cell indices of each minibatch (see :meth:`iter_minibatches`)."""
         order = rng.permutation(self.n_cells) if rng is not None else np.arange(self.n_cells)
         for start in range(0, self.n_cells, batch_size):
             idx = order[start : start + batch_size]
             if drop_small and len(idx) < 3 and start > 0:
                 break
-            yield self.minibatch(idx)
+            yield idx
+
+
+def _has_stored_zeros(data: np.ndarray, chunk: int = 1 << 22) -> bool:
+    return any(not data[i : i + chunk].all() for i in range(0, data.size, chunk))
 
 
 @dataclass
@@ -176,11 +225,13 @@ def local_update(
     n_seen = 0
     step = 0
     while step < total_steps:
-        for x, b in data.iter_minibatches(cfg.batch_size, rng):
+        for idx in data.minibatch_indices(cfg.batch_size, rng):
             if step >= total_steps:
                 break
+            x, b, nonzero = data.training_minibatch(idx)
             epoch = state.epochs_done + step / n_per_epoch
-            out = module.loss(x, b, kl_weight=kl_weight(int(epoch), cfg.n_epochs_kl_warmup))
+            weight = kl_weight(int(epoch), cfg.n_epochs_kl_warmup)
+            out = module.loss(x, b, kl_weight=weight, nonzero=nonzero)
             loss = out.loss
             if anchor is not None:
                 prox = torch.stack([((p - anchor[k]) ** 2).sum() for k, p in named.items()]).sum()
