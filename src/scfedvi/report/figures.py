@@ -15,8 +15,11 @@ def umap_coords(Z: np.ndarray, *, seed: int = 0, n_neighbors: int = 15) -> np.nd
         import umap
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("UMAP figures need umap-learn: pip install 'scfedvi[benchmark]'") from e
+    from scfedvi._threads import torch_threads_kept
+
     reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1)
-    return np.asarray(reducer.fit_transform(Z))
+    with torch_threads_kept():  # numba would leave torch on every core
+        return np.asarray(reducer.fit_transform(Z))
 
 
 def plot_umaps(
