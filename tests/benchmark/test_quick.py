@@ -61,6 +61,12 @@ def test_simulated_quick_writes_results_and_reports(simulated_run):
     for section in ("scIB metrics", "Cost: training time", "Configuration", "Versions"):
         assert section in md
     assert "scfedvi benchmark simulated --clients 2,3" in md
+    # the time ratio pairs scFedVI with pooled scVI seed by seed, both timed in this run
+    timing = _paper_table(md, next(t for t in md.split("**") if t.startswith("Federated training")))
+    assert "ratio per seed" in timing[0]
+    ratio_rows = [ln for ln in timing[2:] if "| scFedVI |" in ln]
+    assert len(ratio_rows) == 2 and not any("*" in ln for ln in ratio_rows)
+    assert all("(n=1)" in ln for ln in ratio_rows)
     for fig in ("umap_simulated_2sites", "training_curves", "quality_vs_communication"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
 
