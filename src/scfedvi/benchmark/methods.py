@@ -11,7 +11,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
@@ -174,6 +174,12 @@ def _comm(history: pd.DataFrame, n_rounds: int) -> tuple[float, float]:
     return total, steps
 
 
+def scfedvi_config(settings: dict[str, Any], seed: int) -> RunConfig:
+    """The run's configuration with the job's seed (initialization, minibatches, noise)."""
+    cfg = RunConfig.from_dict(settings["config"])
+    return replace(cfg, federation=replace(cfg.federation, seed=seed))
+
+
 def run_scfedvi(task: Task, settings: dict[str, Any]) -> MethodResult:
     """Train scFedVI in process over the task's sites and embed every site's cells at the site.
 
@@ -182,7 +188,7 @@ def run_scfedvi(task: Task, settings: dict[str, Any]) -> MethodResult:
     """
     from scfedvi.model import ScFedVI
 
-    cfg = RunConfig.from_dict(settings["config"])
+    cfg = scfedvi_config(settings, task.seed)
     model = ScFedVI.from_sites(
         task.site_dict(),
         batch_key=task.batch_key,
