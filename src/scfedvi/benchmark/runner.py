@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scfedvi._threads import torch_threads_kept
 from scfedvi.benchmark.cache import ResultCache
 from scfedvi.benchmark.evaluate import evaluate
 from scfedvi.benchmark.methods import METHODS
@@ -98,7 +97,6 @@ def _compute(job: Job, cache: ResultCache, out: dict[str, Any]) -> dict[str, Any
     from scfedvi.benchmark.baselines import pca_settings, unintegrated_pca
 
     task = _task(job)
-    _set_threads(_THREADS)
     if cache.has_embedding(job.key):
         result = cache.load_embedding(job.key)
     else:
@@ -107,38 +105,25 @@ def _compute(job: Job, cache: ResultCache, out: dict[str, Any]) -> dict[str, Any
         cache.save_embedding(job.key, result, job.key_parts)
         out["embedding"] = True
     pre = unintegrated_pca(task, pca_settings(job.quick), seed=0) if job.scib else None
-    with torch_threads_kept():  # pynndescent, UMAP (numba) would leave torch on every core
-        ev = evaluate(
-            result.embedding,
-            task.adata.obs,
-            batch_key=task.batch_key,
-            label_key=task.label_key,
-            pre=pre,
-            scib=job.scib,
-            fast=job.quick,
-            curve=result.curve,
-            umap_seed=0,
-        )
+    ev = evaluate(
+        result.embedding,
+        task.adata.obs,
+        batch_key=task.batch_key,
+        label_key=task.label_key,
+        pre=pre,
+        scib=job.scib,
+        fast=job.quick,
+        curve=result.curve,
+        umap_seed=0,
+    )
     cache.save_eval(job.key, job.eval_keys[0], ev)
     return out | {"evaluation": True}
 
 
-#: torch threads of this process's jobs (a worker's, or the caller's at the start of the run)
-_THREADS: int | None = None
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
-
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
 def _init_worker(threads: int) -> None:
-    global _THREADS
-    _THREADS = threads
-    _set_threads(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def run_benchmark(

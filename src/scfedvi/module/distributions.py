@@ -80,20 +80,22 @@ class NonzeroCounts(NamedTuple):
     """The nonzero entries of a dense minibatch of counts, row by row.
 
     ``rows``, ``cols`` and ``vals`` give each nonzero entry (grouped by row, in row order);
-    ``lengths`` the number of them in each row; ``log_factorial`` (optional) each row's sum of
-    ``lgamma(x + 1)``, when the caller has it at hand (it does not depend on the model).
+    ``lengths`` the number of them in each row; ``log_factorial`` each row's sum of
+    ``lgamma(x + 1)`` (it does not depend on the model: a site computes it once).
     """
 
     rows: torch.Tensor  # int64
     cols: torch.Tensor  # int64
     vals: torch.Tensor  # same dtype as the counts
     lengths: torch.Tensor  # int64, one per row
-    log_factorial: torch.Tensor | None = None
+    log_factorial: torch.Tensor  # one per row
 
     @classmethod
     def from_dense(cls, x: torch.Tensor) -> NonzeroCounts:
         rows, cols = torch.nonzero(x, as_tuple=True)  # row-major order
-        return cls(rows, cols, x[rows, cols], torch.bincount(rows, minlength=x.shape[0]))
+        vals, lengths = x[rows, cols], torch.bincount(rows, minlength=x.shape[0])
+        log_factorial = torch.segment_reduce(torch.lgamma(vals + 1.0), "sum", lengths=lengths)
+        return cls(rows, cols, vals, lengths, log_factorial)
 
 
 def _digamma_ge1(z: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ class _ZINBCells(torch.autograd.Function):
         cols: torch.Tensor,
         vals: torch.Tensor,
         lengths: torch.Tensor,
-        log_factorial: torch.Tensor | None,
+        log_factorial: torch.Tensor,
         eps: float,
     ) -> torch.Tensor:
         # Dense part, with ptl = -pi + theta * (log(theta + eps) - log(theta + mu + eps)):
@@ -145,11 +147,8 @@ class _ZINBCells(torch.autograd.Function):
         theta_nz = theta.index_select(0, cols)
         vt = vals + theta_nz
         lg = torch.lgamma(vt).sub_(torch.lgamma(theta).index_select(0, cols))
-        if log_factorial is None:
-            lg.sub_(torch.lgamma(vals + 1.0))
         ll_cells = ll.sum(-1).add_(torch.segment_reduce(lg, "sum", lengths=lengths))
-        if log_factorial is not None:
-            ll_cells.sub_(log_factorial)
+        ll_cells.sub_(log_factorial)
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         if needs[1] or needs[2] or needs[3]:
             # w = d ll / d ptl: 1 where x > 0, sigmoid(ptl) where x = 0
