@@ -100,3 +100,37 @@ def test_split_key_errors_are_clear(small_adata):
         ScFedVI.from_sites(small_adata, batch_key="batch")
     with pytest.raises(ValueError, match=r"obs\['nope'\] is missing"):
         ScFedVI.from_sites(small_adata, split_key="nope", batch_key="batch")
+
+
+def test_a_second_train_call_continues_the_same_run(small_adata, monkeypatch):
+    """train(2) then train(4) equals train(4) and runs only rounds 2 and 3; resume=False
+    starts again from the initialization."""
+    from scfedvi.federation.site import SiteWorker
+
+    fits: list[int] = []
+    fit = SiteWorker.fit
+
+    def counted(self, params, round_idx, *args, **kwargs):
+        fits.append(round_idx)
+        return fit(self, params, round_idx, *args, **kwargs)
+
+    monkeypatch.setattr(SiteWorker, "fit", counted)
+
+    def model():
+        return ScFedVI.from_sites(small_adata, split_key="batch", batch_key="batch", config=FAST)
+
+    whole = model()
+    whole.train(n_rounds=4, progress=False)
+    stepped = model()
+    stepped.train(n_rounds=2, progress=False)
+    after_two = {k: v.copy() for k, v in stepped.params.items()}
+    fits.clear()
+    stepped.train(n_rounds=4, progress=False)
+    assert sorted(fits) == [2, 2, 3, 3]  # two sites, only the rounds not yet done
+    assert sorted(stepped.history["round"].unique()) == [0, 1, 2, 3]
+    for k in whole.params:
+        np.testing.assert_array_equal(stepped.params[k], whole.params[k], err_msg=k)
+    stepped.train(n_rounds=2, resume=False, progress=False)
+    assert sorted(stepped.history["round"].unique()) == [0, 1]
+    for k in after_two:
+        np.testing.assert_array_equal(stepped.params[k], after_two[k], err_msg=k)

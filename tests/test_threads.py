@@ -23,3 +23,19 @@ def test_umap_leaves_torch_threads_alone():
     xy = umap_coords(rng.normal(size=(200, 5)).astype(np.float32), n_neighbors=10)
     assert xy.shape == (200, 2)
     assert torch.get_num_threads() == 1
+
+
+def test_a_benchmark_job_leaves_torch_threads_as_it_found_them(monkeypatch, tmp_path):
+    """Whatever a job runs (here a method that changes the count, as numba does), the next
+    job of the same worker starts with the worker's thread count."""
+    from scfedvi.benchmark import runner
+
+    def job_that_changes_threads(job, cache_root):
+        torch.set_num_threads(torch.get_num_threads() + 1)
+        return {"key": "k"}
+
+    monkeypatch.setattr(runner, "_execute", job_that_changes_threads)
+    before = torch.get_num_threads()
+    out = runner.execute(None, str(tmp_path))  # type: ignore[arg-type]
+    assert out == {"key": "k"}
+    assert torch.get_num_threads() == before

@@ -26,7 +26,10 @@ class ModelConfig:
         ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"``.
     norm
         Normalization after each hidden linear layer: ``"batch"`` (BatchNorm, scVI's default),
-        ``"layer"`` (LayerNorm without affine, as scvi-tools) or ``"none"``.
+        ``"layer"`` (LayerNorm without affine, as scvi-tools) or ``"none"``; the encoder's, and
+        the decoder's unless ``decoder_norm`` is set.
+    decoder_norm
+        The decoder's normalization when it differs from the encoder's (``None``: ``norm``).
     encode_covariates
         Also feed the batch one-hot to the encoder.
     """
@@ -38,12 +41,20 @@ class ModelConfig:
     likelihood: Likelihood = "zinb"
     dispersion: Dispersion = "gene"
     norm: Norm = "batch"
+    decoder_norm: Norm | None = None
     encode_covariates: bool = False
+
+    @property
+    def norms(self) -> tuple[Norm, Norm]:
+        """(encoder, decoder) normalization."""
+        return self.norm, self.decoder_norm or self.norm
 
     def __post_init__(self) -> None:
         _check_choice("likelihood", self.likelihood, ("zinb", "nb", "poisson"))
         _check_choice("dispersion", self.dispersion, ("gene", "gene-batch"))
         _check_choice("norm", self.norm, ("batch", "layer", "none"))
+        if self.decoder_norm is not None:
+            _check_choice("decoder_norm", self.decoder_norm, ("batch", "layer", "none"))
         for name in ("n_hidden", "n_latent", "n_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -30,11 +30,19 @@ if TYPE_CHECKING:
 #: Keys of scvi-tools' module that scFedVI does not have: the library-size encoder, unused
 #: with the observed library size.
 SCVI_ONLY_PREFIXES = ("l_encoder.",)
-_NORM_FLAGS = {
-    "batch": {"use_batch_norm": "both", "use_layer_norm": "none"},
-    "layer": {"use_batch_norm": "none", "use_layer_norm": "both"},
-    "none": {"use_batch_norm": "none", "use_layer_norm": "none"},
-}
+_NORMS = ("batch", "layer", "none")
+
+
+def _norm_flags(encoder: str, decoder: str) -> dict[str, str]:
+    """scvi-tools' ``use_batch_norm``/``use_layer_norm`` for (encoder, decoder) norms."""
+
+    def where(kind: str) -> str:
+        on = (encoder == kind, decoder == kind)
+        return {(True, True): "both", (True, False): "encoder", (False, True): "decoder"}.get(
+            on, "none"
+        )
+
+    return {"use_batch_norm": where("batch"), "use_layer_norm": where("layer")}
 
 
 def _import_scvi() -> Any:
@@ -61,11 +69,12 @@ def scvi_module_kwargs(config: ModelConfig) -> dict[str, Any]:
     ValueError
         For a configuration scvi-tools cannot represent.
     """
-    if config.norm not in _NORM_FLAGS:
-        raise ValueError(
-            f"ModelConfig.norm={config.norm!r} has no scvi-tools equivalent; "
-            f"export supports {sorted(_NORM_FLAGS)}"
-        )
+    for name, norm in zip(("norm", "decoder_norm"), config.norms, strict=True):
+        if norm not in _NORMS:
+            raise ValueError(
+                f"ModelConfig.{name}={norm!r} has no scvi-tools equivalent; "
+                f"export supports {list(_NORMS)}"
+            )
     return {
         "n_hidden": config.n_hidden,
         "n_latent": config.n_latent,
@@ -77,7 +86,7 @@ def scvi_module_kwargs(config: ModelConfig) -> dict[str, Any]:
         "deeply_inject_covariates": True,
         "use_observed_lib_size": True,
         "latent_distribution": "normal",
-        **_NORM_FLAGS[config.norm],
+        **_norm_flags(*config.norms),
     }
 
 
@@ -97,7 +106,7 @@ def site_state(model: ScFedVI, site_data: SiteData) -> dict[str, torch.Tensor]:
     cfg = model.config
     module = build_module(model.schema.n_genes, model.schema.n_batches, cfg.model)
     set_state(module, model.params)  # type: ignore[arg-type]
-    if cfg.federation.norm_stats == "local" and cfg.model.norm == "batch":
+    if cfg.federation.norm_stats == "local" and "batch" in cfg.model.norms:
         calibrate_norm_stats(module, SiteTensors(site_data.X, site_data.batch_index))
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

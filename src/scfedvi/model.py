@@ -64,6 +64,8 @@ class ScFedVI:
         self.params: dict[str, np.ndarray] | None = None
         self.history = pd.DataFrame()
         self._site_data: dict[str, SiteData] = {}
+        # the coordinator and site workers of the last training call (continued by the next)
+        self._live: tuple[Any, list[Any]] | None = None
         for name, adata in self.sites.items():
             self._site_data[name] = project(
                 adata, schema, site=name, layer=layer, batch_size=self.config.train.batch_size
@@ -128,7 +130,23 @@ class ScFedVI:
         resume: bool = True,
         progress: bool = True,
     ) -> pd.DataFrame:
-        """Federated training in process; returns the history (one row per site and round)."""
+        """Federated training in process; returns the history (one row per site and round).
+
+        Parameters
+        ----------
+        n_rounds
+            Train up to this round (default: ``config.federation.n_rounds``). A model that was
+            already trained to round ``r`` in this session continues from there (the same run,
+            exactly as one uninterrupted call), unless ``resume=False``.
+        checkpoint_dir
+            Save the federation's state there every round (each site's private state beside
+            it) and, with ``resume``, continue a run that stopped.
+        resume
+            Continue the run trained so far (in memory, or from ``checkpoint_dir``); ``False``
+            starts again from the initialization.
+        progress
+            Show a progress bar.
+        """
         from scfedvi.federation.coordinator import Coordinator
         from scfedvi.federation.inprocess import run_in_process
 
@@ -137,15 +155,18 @@ class ScFedVI:
                 "this model has no sites to train on; build it with ScFedVI.from_sites"
             )
         n_rounds = n_rounds or self.config.federation.n_rounds
-        coord = Coordinator(
-            self.schema.n_genes,
-            self.schema.n_batches,
-            self.config,
-            schema_hash=self.schema.hash,
-            checkpoint_dir=checkpoint_dir,
-        )
-        workers = self._workers()
-        bar = _progress(n_rounds, progress)
+        if resume and checkpoint_dir is None and self._live is not None:
+            coord, workers = self._live
+        else:
+            coord = Coordinator(
+                self.schema.n_genes,
+                self.schema.n_batches,
+                self.config,
+                schema_hash=self.schema.hash,
+                checkpoint_dir=checkpoint_dir,
+            )
+            workers = self._workers()
+        bar = _progress(n_rounds, progress, initial=min(coord.round, n_rounds))
 
         def on_round(r: int, seconds: float) -> None:
             last = [h for h in coord.history if h["round"] == r and "loss" in h]
@@ -154,6 +175,7 @@ class ScFedVI:
 
         run_in_process(coord, workers, n_rounds, resume=resume, on_round=on_round)
         bar.close()
+        self._live = (coord, workers)
         self.params = coord.params
         self.history = pd.DataFrame(coord.history)
         return self.history
@@ -281,7 +303,9 @@ def _split(adata: ad.AnnData, split_key: str | None) -> dict[str, ad.AnnData]:
     return {str(v): adata[(col == v).values].copy() for v in sorted(col.astype(str).unique())}
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="federated rounds", unit="round", disable=not enabled)
+    return tqdm(
+        total=total, initial=initial, desc="federated rounds", unit="round", disable=not enabled
+    )

@@ -45,6 +45,10 @@ ORACLE_CONFIGS = {
         n_latent=5,
     ),
     "poisson-nonorm": ModelConfig(likelihood="poisson", norm="none", n_hidden=16),
+    "batchnorm-encoder-layernorm-decoder": ModelConfig(norm="batch", decoder_norm="layer"),
+    "layernorm-encoder-batchnorm-decoder": ModelConfig(
+        norm="layer", decoder_norm="batch", n_hidden=32
+    ),
 }
 
 
@@ -180,6 +184,14 @@ def test_norm_variants_and_covariate_columns() -> None:
         assert norm_stat_keys(vae) == []
         has_ln = any(isinstance(m, torch.nn.LayerNorm) for m in vae.modules())
         assert has_ln == (norm == "layer")
+    split = VAE(N_GENES, N_BATCH, ModelConfig(n_hidden=16, n_latent=4, decoder_norm="layer"))
+    assert split.config.norms == ("batch", "layer")
+    assert all(k.startswith("z_encoder.") for k in norm_stat_keys(split))
+    assert norm_stat_keys(split)
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in split.decoder.modules())
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in split.z_encoder.modules())
+    with pytest.raises(ValueError, match="decoder_norm"):
+        ModelConfig(decoder_norm="group")  # type: ignore[arg-type]
     first = "z_encoder.encoder.fc_layers.Layer 0.0.weight"
     dec = "decoder.px_decoder.fc_layers.Layer 0.0.weight"
     plain = VAE(N_GENES, N_BATCH, cfg).state_dict()

@@ -22,6 +22,10 @@ import pandas as pd
 
 from scfedvi.benchmark.methods import MethodResult
 
+#: Key parts that hash scfedvi's own code: a result computed with other code may still be
+#: reported (``--report-only``), flagged.
+CODE_PARTS = ("code", "runner")
+
 #: Bump when the stored format or the meaning of an entry changes.
 CACHE_FORMAT = 1
 
@@ -191,13 +195,14 @@ class ResultCache:
 
     # -- results of an earlier code version (``--report-only``) ------------------------------
     def find_other_code(self, parts: dict[str, Any]) -> str | None:
-        """An entry whose key parts equal ``parts`` but for ``"code"`` (the newest), or None."""
-        want = {k: v for k, v in parts.items() if k != "code"}
+        """An entry whose key parts equal ``parts`` but for the code hashes (the newest), or
+        None."""
+        want = {k: v for k, v in parts.items() if k not in CODE_PARTS}
         want = json.loads(json.dumps(want, default=str))
         found = []
         for meta in self.root.glob("*/meta.json"):
             got = json.loads(meta.read_text()).get("key_parts", {})
-            if {k: v for k, v in got.items() if k != "code"} == want:
+            if {k: v for k, v in got.items() if k not in CODE_PARTS} == want:
                 found.append((meta.stat().st_mtime, meta.parent.name))
         return max(found)[1] if found else None
 

@@ -7,8 +7,8 @@ method could not embed). :data:`METHODS` names them for the command line.
 
 from __future__ import annotations
 
+import inspect
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -121,6 +121,20 @@ def source_hash(*parts: str) -> str:
 CORE_CODE = ("module", "train", "federation", "data", "model.py", "config.py", "_constants.py")
 
 
+def federated_runner_hash() -> str:
+    """sha256 of the functions in this module that run a federated job (part of its key).
+
+    Only these functions, not the whole module, so that adding a method to the registry does
+    not invalidate every cached result.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for fn in (scfedvi_config, run_scfedvi, _embed_all, _comm):
+        h.update(inspect.getsource(fn).encode())
+    return h.hexdigest()[:16]
+
+
 def tool_version(dist: str) -> str:
     """Installed version of a distribution (``"absent"`` if not installed)."""
     try:
@@ -183,8 +197,8 @@ def scfedvi_config(settings: dict[str, Any], seed: int) -> RunConfig:
 def run_scfedvi(task: Task, settings: dict[str, Any]) -> MethodResult:
     """Train scFedVI in process over the task's sites and embed every site's cells at the site.
 
-    The run is trained up to each round of ``settings["curve_rounds"]`` in turn (resuming from
-    its checkpoint, which continues the same run exactly) and embedded there.
+    The run is trained up to each round of ``settings["curve_rounds"]`` in turn (each call
+    continues the same run in memory, exactly as one uninterrupted run) and embedded there.
     """
     from scfedvi.model import ScFedVI
 
@@ -201,24 +215,23 @@ def run_scfedvi(task: Task, settings: dict[str, Any]) -> MethodResult:
     n_rounds = cfg.federation.n_rounds
     rounds = sorted({*settings.get("curve_rounds", []), n_rounds})
     curve, seconds = [], 0.0
-    with tempfile.TemporaryDirectory(prefix="scfedvi-bench-") as ckpt:
-        for r in rounds:
-            t0 = time.perf_counter()
-            model.train(n_rounds=r, checkpoint_dir=ckpt, resume=True, progress=False)
-            seconds += time.perf_counter() - t0
-            Z = _embed_all(model, task)
-            nbytes, steps = _comm(model.history, r)
-            epochs = r * cfg.train.local_epochs
-            curve.append(
-                {
-                    "round": r,
-                    "epochs": epochs,
-                    "steps": steps,
-                    "bytes": nbytes,
-                    "seconds": seconds,
-                    "embedding": Z,
-                }
-            )
+    for r in rounds:
+        t0 = time.perf_counter()
+        model.train(n_rounds=r, resume=True, progress=False)
+        seconds += time.perf_counter() - t0
+        Z = _embed_all(model, task)
+        nbytes, steps = _comm(model.history, r)
+        epochs = r * cfg.train.local_epochs
+        curve.append(
+            {
+                "round": r,
+                "epochs": epochs,
+                "steps": steps,
+                "bytes": nbytes,
+                "seconds": seconds,
+                "embedding": Z,
+            }
+        )
     return MethodResult(
         embedding=curve[-1]["embedding"],
         seconds=seconds,

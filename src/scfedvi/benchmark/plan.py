@@ -13,7 +13,13 @@ import pandas as pd
 
 from scfedvi import __version__
 from scfedvi.benchmark.cache import hash_key
-from scfedvi.benchmark.methods import CORE_CODE, METHODS, source_hash, tool_version
+from scfedvi.benchmark.methods import (
+    CORE_CODE,
+    METHODS,
+    federated_runner_hash,
+    source_hash,
+    tool_version,
+)
 from scfedvi.benchmark.task import (
     SITE_KEY,
     DatasetSpec,
@@ -114,6 +120,7 @@ def plan(settings: BenchmarkSettings) -> tuple[list[tuple[tuple, Job]], dict[tup
     """Every (dataset, n_sites, method, seed) with its job, and each partition's cell ``obs``."""
     entries, obs = [], {}
     core, metrics_code = source_hash(*CORE_CODE), source_hash("metrics")
+    runner = federated_runner_hash()
     for spec in settings.datasets:
         adata = load_data(spec)
         n_top = _n_top(settings.n_top_genes, adata.n_vars)
@@ -141,6 +148,7 @@ def plan(settings: BenchmarkSettings) -> tuple[list[tuple[tuple, Job]], dict[tup
                     }
                     if method.kind == "federated":
                         parts["code"] = core
+                        parts["runner"] = runner
                     key = hash_key(parts)
                     # The evaluation to compute first; without scIB, one with scIB also serves.
                     evals = [{"scib": settings.scib, "fast": settings.quick}]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scfedvi._threads import torch_threads_kept
 from scfedvi.benchmark.cache import ResultCache
 from scfedvi.benchmark.evaluate import evaluate
 from scfedvi.benchmark.methods import METHODS
@@ -77,7 +78,14 @@ def execute(job: Job, cache_root: str) -> dict[str, Any]:
     """Run one job in this process: the embedding (unless cached), then its evaluation.
 
     A job that another process sharing the cache is computing is left to it (``"busy"``).
+    torch's thread count is restored when the job ends, whatever ran in it (numba, behind
+    UMAP, pynndescent and parts of scanpy, resets OpenMP's; see :mod:`scfedvi._threads`).
     """
+    with torch_threads_kept():
+        return _execute(job, cache_root)
+
+
+def _execute(job: Job, cache_root: str) -> dict[str, Any]:
     cache = ResultCache(cache_root)
     t0 = time.perf_counter()
     out = {"key": job.key, "embedding": False, "evaluation": False, "busy": False}

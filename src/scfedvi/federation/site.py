@@ -71,7 +71,7 @@ class SiteWorker:
     def embed(self, global_params: Params) -> np.ndarray:
         """The site's cells in the global latent space, computed at the site."""
         set_state(self.module, global_params)
-        if self.config.federation.norm_stats == "local" and self.config.model.norm == "batch":
+        if self.config.federation.norm_stats == "local" and "batch" in self.config.model.norms:
             calibrate_norm_stats(self.module, self.data)
         return embed(self.module, self.data)
 

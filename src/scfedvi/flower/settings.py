@@ -114,8 +114,9 @@ def _flat(obj: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        if v is None:
-            v = 0.0 if "float" in str(f.type) else 0
+        if v is None:  # Flower's config has no null: 0 / 0.0 / "" stand for None
+            t = str(f.type)
+            v = 0.0 if "float" in t else 0 if "int" in t else ""
         out[_key(f.name)] = v
     return out
 

@@ -70,7 +70,7 @@ class VAE(nn.Module):
             n_cat=n_batch,
             n_layers=cfg.n_layers,
             n_hidden=cfg.n_hidden,
-            norm=cfg.norm,
+            norm=cfg.norms[1],
         )
 
     def inference(
