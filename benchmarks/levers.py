@@ -58,6 +58,12 @@ def main(argv=None) -> int:
     p.add_argument("--local-steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=400, help="KL warm-up in global epochs")
     p.add_argument("--norm", choices=["batch", "layer", "none"], default="batch")
+    p.add_argument(
+        "--decoder-norm",
+        choices=["batch", "layer", "none"],
+        default="layer",
+        help="the decoder's normalization (default: layer, the package's; scVI's: batch)",
+    )
     p.add_argument("--norm-stats", choices=["local", "global", "averaged"], default="local")
     p.add_argument("--no-batch-owned", action="store_true")
     p.add_argument("--server-optimizer", choices=["fedavg", "fedavgm", "fedadam"], default="fedavg")
@@ -80,7 +86,9 @@ def main(argv=None) -> int:
 
     sites, bkey, lkey = partition(a.dataset, a.sites, a.seed, a.composition)
     cfg = RunConfig(
-        model=ModelConfig(norm=a.norm, encode_covariates=a.encode_covariates),
+        model=ModelConfig(
+            norm=a.norm, decoder_norm=a.decoder_norm, encode_covariates=a.encode_covariates
+        ),
         train=TrainConfig(
             local_epochs=a.local_epochs,
             local_steps=a.local_steps,

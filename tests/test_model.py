@@ -47,6 +47,7 @@ def test_history_has_a_row_per_site_and_round_with_bytes(trained):
     assert len(h) == 4 and set(h["round"]) == {0, 1}
     assert (h["bytes_up"] > 0).all() and (h["bytes_down"] > 0).all()
     assert np.isfinite(h["loss"]).all()
+    assert np.isfinite(h["validation_loss"]).all()  # 10% of each site's cells held out
 
 
 def test_embedding_written_to_obsm(trained):

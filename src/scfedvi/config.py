@@ -25,11 +25,14 @@ class ModelConfig:
     dispersion
         ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"``.
     norm
-        Normalization after each hidden linear layer: ``"batch"`` (BatchNorm, scVI's default),
-        ``"layer"`` (LayerNorm without affine, as scvi-tools) or ``"none"``; the encoder's, and
-        the decoder's unless ``decoder_norm`` is set.
+        The encoder's normalization after each hidden linear layer: ``"batch"`` (BatchNorm,
+        scVI's default), ``"layer"`` (LayerNorm without affine, as scvi-tools) or ``"none"``.
     decoder_norm
-        The decoder's normalization when it differs from the encoder's (``None``: ``norm``).
+        The decoder's: ``"layer"`` by default, the one departure from scvi-tools' defaults
+        (BatchNorm in both). A site's minibatches hold only its own cells, so a BatchNorm
+        decoder is trained to decode each site's cells relative to that site's mix of cell
+        types, which pulls cell types apart across sites; LayerNorm normalizes each cell
+        alone. ``None``: the same as ``norm``.
     encode_covariates
         Also feed the batch one-hot to the encoder.
     """
@@ -41,7 +44,7 @@ class ModelConfig:
     likelihood: Likelihood = "zinb"
     dispersion: Dispersion = "gene"
     norm: Norm = "batch"
-    decoder_norm: Norm | None = None
+    decoder_norm: Norm | None = "layer"
     encode_covariates: bool = False
 
     @property
@@ -82,20 +85,28 @@ class TrainConfig:
         FedProx coefficient (0 disables it).
     scaffold
         Use SCAFFOLD control variates for client-drift correction.
+    train_size
+        Fraction of each site's cells trained on (scvi-tools' ``train_size``); the others are
+        held out, fixed for the whole run by the federation's seed, and the site reports its
+        validation loss on them every round. An epoch is a pass over the training cells.
+        ``1.0`` trains on every cell. Every cell is embedded either way.
     """
 
     batch_size: int = 128
     lr: float = 1e-3
     eps: float = 0.01
     weight_decay: float = 1e-6
-    local_epochs: int = 10
+    local_epochs: int = 20
     local_steps: int | None = None
     n_epochs_kl_warmup: int = 400
     optimizer_state: Literal["reset", "keep"] = "keep"
     proximal_mu: float = 0.0
     scaffold: bool = False
+    train_size: float = 0.9
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.train_size <= 1.0:
+            raise ValueError(f"TrainConfig.train_size must be in (0, 1], got {self.train_size}")
         if self.batch_size < 2:
             raise ValueError(f"TrainConfig.batch_size must be >= 2, got {self.batch_size}")
         if self.local_epochs < 1:
@@ -134,7 +145,7 @@ class FederationConfig:
         Seed of the whole run (initialization, minibatch order, dropout).
     """
 
-    n_rounds: int = 40
+    n_rounds: int = 20
     norm_stats: Literal["local", "global", "averaged"] = "local"
     batch_owned: bool = True
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"

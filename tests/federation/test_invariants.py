@@ -12,7 +12,7 @@ from scfedvi.federation.coordinator import Coordinator, RoundFailedError
 from scfedvi.federation.inprocess import run_in_process
 from scfedvi.federation.site import SiteWorker
 from scfedvi.module.vae import VAE
-from scfedvi.train.local import SiteTensors, kl_weight, round_seed
+from scfedvi.train.local import SiteTensors, kl_weight, round_seed, train_validation_split
 from scfedvi.train.params import get_state, set_state
 
 G = 60
@@ -47,9 +47,10 @@ def _run(sites, config, n_batches, rounds, ckpt=None):
     return coord
 
 
-def test_one_site_one_round_equals_centralized_training(data):
+@pytest.mark.parametrize("train_size", [0.9, 1.0])
+def test_one_site_one_round_equals_centralized_training(data, train_size):
     adata, schema = data
-    config = cfg(train={"local_epochs": 3})
+    config = cfg(train={"local_epochs": 3, "train_size": train_size})
     t = tensors(adata, schema)
     coord = _run([SiteWorker("only", t, G, 2, config)], config, 2, 1)
 
@@ -63,8 +64,11 @@ def test_one_site_one_round_equals_centralized_training(data):
     set_state(ref, init)
     ref.train()
     opt = torch.optim.Adam(ref.parameters(), lr=1e-3, eps=0.01, weight_decay=1e-6)  # the reference
+    train, _ = train_validation_split(t.n_cells, train_size, config.federation.seed)
+    assert len(train) == int(np.ceil(train_size * t.n_cells))
     for epoch in range(3):
-        for x, b in t.iter_minibatches(32, rng):
+        for idx in t.minibatch_indices(32, rng, cells=train):
+            x, b = t.minibatch(idx)
             loss = ref.loss(x, b, kl_weight=kl_weight(epoch, 4)).loss
             opt.zero_grad()
             loss.backward()

@@ -44,7 +44,9 @@ ORACLE_CONFIGS = {
         n_hidden=32,
         n_latent=5,
     ),
-    "poisson-nonorm": ModelConfig(likelihood="poisson", norm="none", n_hidden=16),
+    "poisson-nonorm": ModelConfig(
+        likelihood="poisson", norm="none", decoder_norm=None, n_hidden=16
+    ),
     "batchnorm-encoder-layernorm-decoder": ModelConfig(norm="batch", decoder_norm="layer"),
     "layernorm-encoder-batchnorm-decoder": ModelConfig(
         norm="layer", decoder_norm="batch", n_hidden=32
@@ -178,9 +180,12 @@ def test_variants_train_with_finite_losses(config: ModelConfig) -> None:
 
 def test_norm_variants_and_covariate_columns() -> None:
     cfg = ModelConfig(n_hidden=16, n_latent=4)
+    assert cfg.norms == ("batch", "layer")  # the default: BatchNorm encoder, LayerNorm decoder
     assert norm_stat_keys(VAE(N_GENES, N_BATCH, cfg))
+    assert ModelConfig(decoder_norm=None).norms == ("batch", "batch")  # scVI's
     for norm in ("layer", "none"):
-        vae = VAE(N_GENES, N_BATCH, ModelConfig(n_hidden=16, n_latent=4, norm=norm))
+        one = ModelConfig(n_hidden=16, n_latent=4, norm=norm, decoder_norm=None)
+        vae = VAE(N_GENES, N_BATCH, one)
         assert norm_stat_keys(vae) == []
         has_ln = any(isinstance(m, torch.nn.LayerNorm) for m in vae.modules())
         assert has_ln == (norm == "layer")

@@ -71,3 +71,42 @@ def test_training_minibatch_reads_the_nonzeros_off_the_sparse_storage():
     np.testing.assert_array_equal(nz.lengths.numpy(), (want != 0).sum(1))
     assert (nz.vals != 0).all()
     np.testing.assert_allclose(nz.log_factorial.numpy(), gammaln(want + 1).sum(1), rtol=1e-6)
+
+
+def test_the_held_out_cells_are_fixed_by_the_seed_and_never_trained_on(monkeypatch):
+    from scfedvi.config import TrainConfig
+    from scfedvi.train.local import LocalState, local_update, train_validation_split
+
+    train, held = train_validation_split(101, 0.9, seed=4)
+    assert len(train) == 91 and len(held) == 10  # ceil(0.9 * 101), as scvi-tools
+    assert np.array_equal(np.sort(np.concatenate([train, held])), np.arange(101))
+    again, _ = train_validation_split(101, 0.9, seed=4)
+    other, _ = train_validation_split(101, 0.9, seed=5)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    everything, none = train_validation_split(101, 1.0, seed=4)
+    assert len(everything) == 101 and len(none) == 0
+
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(rng.poisson(2.0, size=(101, 30)).astype(np.float32))
+    data = SiteTensors(X, rng.integers(0, 2, 101))
+    seen: list[np.ndarray] = []
+    read = SiteTensors.training_minibatch
+
+    def record(self, idx):
+        seen.append(np.asarray(idx).copy())
+        return read(self, idx)
+
+    monkeypatch.setattr(SiteTensors, "training_minibatch", record)
+    module = VAE(30, 2, ModelConfig(n_hidden=16, n_latent=4))
+    cfg = TrainConfig(batch_size=16, local_epochs=2)
+    params = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+    result, state = local_update(
+        module, params, data, cfg, LocalState(), norm_stats="local", seed=1, split_seed=4
+    )
+    n_validation_reads = 1  # one minibatch of the 10 held-out cells, for the validation loss
+    trained = np.concatenate(seen[:-n_validation_reads])
+    assert set(trained.tolist()) == set(train.tolist())
+    assert np.array_equal(np.sort(seen[-1]), held)
+    assert result.num_examples == 91
+    assert state.epochs_done == 2.0 and result.metrics["steps"] == 2 * 6  # 91 cells / 16
+    assert np.isfinite(result.metrics["validation_loss"]) and result.metrics["validation_loss"] > 0

@@ -58,6 +58,7 @@ class SiteWorker:
             norm_stats=self.config.federation.norm_stats,
             seed=seed,
             global_control=control,
+            split_seed=self.config.federation.seed,
         )
         return SiteUpdate(
             site=self.name,

@@ -96,15 +96,32 @@ class SiteTensors:
             yield self.minibatch(idx)
 
     def minibatch_indices(
-        self, batch_size: int, rng: np.random.Generator | None, *, drop_small: bool = True
+        self,
+        batch_size: int,
+        rng: np.random.Generator | None,
+        *,
+        drop_small: bool = True,
+        cells: np.ndarray | None = None,
     ) -> Iterator[np.ndarray]:
-        """The cell indices of each minibatch (see :meth:`iter_minibatches`)."""
-        order = rng.permutation(self.n_cells) if rng is not None else np.arange(self.n_cells)
-        for start in range(0, self.n_cells, batch_size):
+        """The cell indices of each minibatch (see :meth:`iter_minibatches`), over ``cells``
+        (default: all)."""
+        cells = np.arange(self.n_cells) if cells is None else np.asarray(cells)
+        order = cells[rng.permutation(len(cells))] if rng is not None else cells
+        for start in range(0, len(cells), batch_size):
             idx = order[start : start + batch_size]
             if drop_small and len(idx) < 3 and start > 0:
                 break
             yield idx
+
+
+def train_validation_split(
+    n_cells: int, train_size: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out cell indices (sorted), as scvi-tools splits: ``ceil(train_size *
+    n)`` cells at random (``seed``) are trained on."""
+    n_train = min(n_cells, int(np.ceil(train_size * n_cells)))
+    order = np.random.default_rng(seed).permutation(n_cells)
+    return np.sort(order[:n_train]), np.sort(order[n_train:])
 
 
 def _has_stored_zeros(data: np.ndarray, chunk: int = 1 << 22) -> bool:
@@ -166,6 +183,7 @@ def local_update(
     norm_stats: str,
     seed: int,
     global_control: Mapping[str, np.ndarray] | None = None,
+    split_seed: int = 0,
 ) -> tuple[LocalResult, LocalState]:
     """Train from the global parameters on the site's cells; return the new shared parameters.
 
@@ -187,6 +205,9 @@ def local_update(
         Seed of this site's round (minibatch order, dropout, reparametrization noise).
     global_control
         SCAFFOLD server control variate (when ``cfg.scaffold``).
+    split_seed
+        Seed of the site's split into training and held-out cells (``cfg.train_size``): the
+        federation's seed, the same every round.
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -219,13 +240,14 @@ def local_update(
         _scaffold_correction(named, global_control, state.control) if cfg.scaffold else None
     )
 
-    n_per_epoch = max(1, _n_minibatches(data.n_cells, cfg.batch_size))
+    train_cells, held_out = train_validation_split(data.n_cells, cfg.train_size, split_seed)
+    n_per_epoch = max(1, _n_minibatches(len(train_cells), cfg.batch_size))
     total_steps = cfg.local_steps or cfg.local_epochs * n_per_epoch
     sums = np.zeros(3)
     n_seen = 0
     step = 0
     while step < total_steps:
-        for idx in data.minibatch_indices(cfg.batch_size, rng):
+        for idx in data.minibatch_indices(cfg.batch_size, rng, cells=train_cells):
             if step >= total_steps:
                 break
             x, b, nonzero = data.training_minibatch(idx)
@@ -249,6 +271,7 @@ def local_update(
             )
             n_seen += n_cells
             step += 1
+    validation = _validation_loss(module, data, held_out) if len(held_out) else None
     new_state = get_state(module)
     keys = shared_keys(module, norm_stats)
     result_params = {k: site_stats.get(k, new_state[k]) for k in keys}
@@ -266,13 +289,28 @@ def local_update(
         "steps": float(step),
         "seconds": time.perf_counter() - t0,
     }
+    if validation is not None:
+        metrics["validation_loss"] = validation
     new_local = LocalState(
         local_params=local,
         optimizer=opt.state_dict() if cfg.optimizer_state == "keep" else None,
         control=new_control,
         epochs_done=state.epochs_done + step / n_per_epoch,
     )
-    return LocalResult(result_params, data.n_cells, metrics, control_delta), new_local
+    return LocalResult(result_params, len(train_cells), metrics, control_delta), new_local
+
+
+@torch.no_grad()
+def _validation_loss(module: VAE, data: SiteTensors, cells: np.ndarray) -> float:
+    """Negative ELBO per held-out cell (KL weight 1; eval mode: no dropout, running
+    statistics)."""
+    module.eval()
+    total = 0.0
+    for idx in data.minibatch_indices(1024, None, drop_small=False, cells=cells):
+        x, b, nonzero = data.training_minibatch(idx)
+        total += float(module.loss(x, b, kl_weight=1.0, nonzero=nonzero).loss) * len(idx)
+    module.train()
+    return total / len(cells)
 
 
 def _n_minibatches(n: int, batch_size: int) -> int:
