@@ -19,11 +19,12 @@ EPILOG = """examples:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
+    g.add_argument("--rounds", type=int, default=None, help="communication rounds (default: 20)")
     g.add_argument(
-        "--rounds", type=int, default=None, help="communication rounds (default: 40; demo 20)"
-    )
-    g.add_argument(
-        "--local-epochs", type=int, default=None, help="epochs over a site's cells per round"
+        "--local-epochs",
+        type=int,
+        default=None,
+        help="epochs over a site's training cells per round (default: 20; demo 5)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the whole run (default: 0)")
 

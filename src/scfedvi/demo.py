@@ -26,7 +26,7 @@ class DemoResult:
     files: list[str]
 
 
-def demo_config(n_rounds: int = 20, local_epochs: int = 2, seed: int = 0) -> RunConfig:
+def demo_config(n_rounds: int = 20, local_epochs: int = 5, seed: int = 0) -> RunConfig:
     """The demo's run: the package defaults with a short schedule (KL warm-up over the run)."""
     epochs = n_rounds * local_epochs
     return RunConfig(
@@ -56,7 +56,7 @@ def run_demo(
     n_genes: int = 1000,
     n_sites: int = 3,
     n_rounds: int = 20,
-    local_epochs: int = 2,
+    local_epochs: int = 5,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
