@@ -46,6 +46,7 @@ def test_every_round_payload_is_whitelisted(small_adata, monkeypatch, variant):
         n: tuple(p.shape) for n, p in VAE(model.schema.n_genes, 2, cfg.model).named_parameters()
     }
     for upd in sent:
+        assert "validation_loss" in upd.metrics  # 10% of each site's cells held out
         check_update(upd, shapes, control_shapes=ctrl)
         n_cells = model._site_data[upd.site].n_cells
         for k, v in upd.params.items():

@@ -3,7 +3,8 @@
 A site sends (1) its harmonization summary (gene names, cells per batch, per-gene statistics),
 (2) each round: parameter arrays named and shaped as the model's shared parameters (and, with
 SCAFFOLD, control-variate deltas of the same shapes), its cell count, its cells per batch and
-scalar metrics. Nothing with a cell dimension, no cell name, no label per cell.
+scalar metrics (:data:`METRIC_KEYS`: means over its cells, including the validation loss on its
+held-out cells). Nothing with a cell dimension, no cell name, no label per cell.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from scfedvi.federation.aggregate import SiteUpdate
 
-METRIC_KEYS = frozenset({"loss", "reconstruction", "kl", "steps", "seconds"})
+METRIC_KEYS = frozenset({"loss", "reconstruction", "kl", "validation_loss", "steps", "seconds"})
 
 
 class PayloadViolation(AssertionError):
