@@ -31,8 +31,9 @@ class ModelConfig:
         The decoder's: ``"layer"`` by default, the one departure from scvi-tools' defaults
         (BatchNorm in both). A site's minibatches hold only its own cells, so a BatchNorm
         decoder is trained to decode each site's cells relative to that site's mix of cell
-        types, which pulls cell types apart across sites; LayerNorm normalizes each cell
-        alone. ``None``: the same as ``norm``.
+        types, so the encoder must place one cell type differently at sites with different
+        mixes; LayerNorm normalizes each cell alone. It needs a full schedule (hundreds of
+        steps per site; see the README). ``None``: the same as ``norm``.
     encode_covariates
         Also feed the batch one-hot to the encoder.
     """
