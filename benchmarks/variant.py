@@ -31,17 +31,7 @@ def main(argv: list[str]) -> int:
     from scfedvi.cli import main as cli
 
     schedule = overrides.pop("_schedule", None)
-    base = m.scfedvi_settings(overrides)
-
-    def settings(quick: bool) -> dict:
-        if quick or schedule is None:
-            return base(quick)
-        saved, m.FULL_SCHEDULE = m.FULL_SCHEDULE, tuple(schedule)
-        try:
-            return base(quick)
-        finally:
-            m.FULL_SCHEDULE = saved
-
+    settings = m.scfedvi_settings(overrides, schedule=tuple(schedule) if schedule else None)
     name = f"x-{tag}"
     m.METHODS[name] = m.Method(name, name, "federated", settings, m.run_scfedvi)
     return cli(["benchmark", *argv[2:], "--methods", name, "--jobs", "1"])

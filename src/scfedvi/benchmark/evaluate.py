@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scfedvi._threads import torch_threads_kept
-
 #: Prefix of the scIB columns in results.
 SCIB_PREFIX = "scib: "
 LISI_COLUMNS = (
@@ -72,7 +70,6 @@ def scib_table(
         )
 
 
-@torch_threads_kept()  # pynndescent and UMAP (numba) would leave torch on every core
 def evaluate(
     Z: np.ndarray,
     obs: pd.DataFrame,

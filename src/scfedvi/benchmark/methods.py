@@ -144,11 +144,17 @@ def tool_version(dist: str) -> str:
 
 
 # -- scFedVI ---------------------------------------------------------------------------------
-def scfedvi_settings(overrides: dict[str, dict[str, Any]], *, epochs_per_round: int | None = None):
-    """A settings function: the package defaults, the benchmark schedule, then ``overrides``."""
+def scfedvi_settings(
+    overrides: dict[str, dict[str, Any]],
+    *,
+    epochs_per_round: int | None = None,
+    schedule: tuple[int, int, int] | None = None,
+):
+    """A settings function: the package defaults, the benchmark schedule (or ``schedule``:
+    rounds, local epochs, KL warm-up, in full mode), then ``overrides``."""
 
     def settings(quick: bool) -> dict[str, Any]:
-        rounds, epochs, warmup = QUICK_SCHEDULE if quick else FULL_SCHEDULE
+        rounds, epochs, warmup = QUICK_SCHEDULE if quick else (schedule or FULL_SCHEDULE)
         if epochs_per_round is not None:
             epochs, warmup = epochs_per_round, rounds * epochs_per_round
         d = RunConfig().to_dict()
