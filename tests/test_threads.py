@@ -39,3 +39,23 @@ def test_a_benchmark_job_leaves_torch_threads_as_it_found_them(monkeypatch, tmp_
     out = runner.execute(None, str(tmp_path))  # type: ignore[arg-type]
     assert out == {"key": "k"}
     assert torch.get_num_threads() == before
+
+
+def test_pool_workers_start_with_their_share_of_threads(monkeypatch):
+    """The variables a spawned worker reads before importing numba, jax, numpy or torch cap
+    each library at the worker's threads; the user's own XLA flags are kept; everything is
+    restored after the pool."""
+    import os
+
+    from scfedvi.benchmark.runner import worker_thread_env
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    with worker_thread_env(1):
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            assert os.environ[var] == "1"
+        flags = os.environ["XLA_FLAGS"].split()
+        assert flags[0] == "--xla_dump_to=/tmp/x"
+        assert "--xla_cpu_multi_thread_eigen=false" in flags
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+    assert "NUMBA_NUM_THREADS" not in os.environ

@@ -120,6 +120,9 @@ def source_hash(*parts: str) -> str:
 #: The code a federated run depends on (model, training, aggregation, data handling).
 CORE_CODE = ("module", "train", "federation", "data", "model.py", "config.py", "_constants.py")
 
+#: The code a baseline (scvi-tools, Harmony, PCA) runs through.
+BASELINE_CODE = ("benchmark/baselines.py",)
+
 
 def federated_runner_hash() -> str:
     """sha256 of the functions in this module that run a federated job (part of its key).

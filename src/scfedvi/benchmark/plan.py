@@ -1,7 +1,8 @@
 """The benchmark's plan: settings, and one :class:`Job` per embedding with its cache keys.
 
 Methods that do not use the partition (pooled methods) share one job across numbers of sites;
-the scFedVI methods' keys include the hash of the core code they run.
+the scFedVI methods' keys include the hash of the core code they run, the baselines' the hash of
+``benchmark/baselines.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pandas as pd
 from scfedvi import __version__
 from scfedvi.benchmark.cache import hash_key
 from scfedvi.benchmark.methods import (
+    BASELINE_CODE,
     CORE_CODE,
     METHODS,
     federated_runner_hash,
@@ -120,6 +122,7 @@ def plan(settings: BenchmarkSettings) -> tuple[list[tuple[tuple, Job]], dict[tup
     """Every (dataset, n_sites, method, seed) with its job, and each partition's cell ``obs``."""
     entries, obs = [], {}
     core, metrics_code = source_hash(*CORE_CODE), source_hash("metrics")
+    baseline_code = source_hash(*BASELINE_CODE)
     runner = federated_runner_hash()
     for spec in settings.datasets:
         adata = load_data(spec)
@@ -149,6 +152,8 @@ def plan(settings: BenchmarkSettings) -> tuple[list[tuple[tuple, Job]], dict[tup
                     if method.kind == "federated":
                         parts["code"] = core
                         parts["runner"] = runner
+                    else:
+                        parts["code"] = baseline_code
                     key = hash_key(parts)
                     # The evaluation to compute first; without scIB, one with scIB also serves.
                     evals = [{"scib": settings.scib, "fast": settings.quick}]

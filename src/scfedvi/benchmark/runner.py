@@ -8,10 +8,11 @@ every result from the cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -134,6 +135,38 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+#: What caps the thread pools of the libraries a job loads: OpenMP and BLAS (read when numpy
+#: and torch load), numba (UMAP, pynndescent) and XLA (jax, behind scib-metrics).
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def _xla_flags(threads: int, flags: str) -> str:
+    return f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
+
+
+@contextlib.contextmanager
+def worker_thread_env(threads: int) -> Iterator[None]:
+    """The environment the pool's workers start with: every library's threads capped at the
+    worker's share of the cores.
+
+    Workers are spawned, so they read these variables before importing anything; this process
+    keeps the pools it already has. Without the caps, one worker's metrics (numba, jax) ran on
+    every core while the other worker trained, and the training times of a parallel run
+    depended on what ran beside them.
+    """
+    old = {v: os.environ.get(v) for v in (*_THREAD_VARS, "XLA_FLAGS")}
+    os.environ.update({v: str(threads) for v in _THREAD_VARS})
+    os.environ["XLA_FLAGS"] = _xla_flags(threads, old["XLA_FLAGS"] or "").strip()
+    try:
+        yield
+    finally:
+        for v, value in old.items():
+            if value is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = value
+
+
 def run_benchmark(
     settings: BenchmarkSettings,
     out: str | os.PathLike,
@@ -199,7 +232,10 @@ def run_benchmark(
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             ctx = get_context("spawn")
-            with ProcessPoolExecutor(jobs, ctx, _init_worker, (threads,)) as pool:
+            with (
+                worker_thread_env(threads),
+                ProcessPoolExecutor(jobs, ctx, _init_worker, (threads,)) as pool,
+            ):
                 futures = {pool.submit(execute, j, str(root)): j for j in todo}
                 for f in as_completed(futures):
                     try:
