@@ -59,3 +59,6 @@ def test_pool_workers_start_with_their_share_of_threads(monkeypatch):
         assert "--xla_cpu_multi_thread_eigen=false" in flags
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
     assert "NUMBA_NUM_THREADS" not in os.environ
+    with worker_thread_env(2):  # XLA can only be made single-threaded
+        assert os.environ["NUMBA_NUM_THREADS"] == "2"
+        assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"

@@ -136,12 +136,13 @@ def _init_worker(threads: int) -> None:
 
 
 #: What caps the thread pools of the libraries a job loads: OpenMP and BLAS (read when numpy
-#: and torch load), numba (UMAP, pynndescent) and XLA (jax, behind scib-metrics).
+#: and torch load) and numba (UMAP, pynndescent); XLA (jax, behind scib-metrics) by a flag.
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def _xla_flags(threads: int, flags: str) -> str:
-    return f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
+    # XLA has no flag for a thread count; it can only turn Eigen's thread pool off.
+    return flags if threads > 1 else f"{flags} --xla_cpu_multi_thread_eigen=false"
 
 
 @contextlib.contextmanager
@@ -150,9 +151,8 @@ def worker_thread_env(threads: int) -> Iterator[None]:
     worker's share of the cores.
 
     Workers are spawned, so they read these variables before importing anything; this process
-    keeps the pools it already has. Without the caps, one worker's metrics (numba, jax) ran on
-    every core while the other worker trained, and the training times of a parallel run
-    depended on what ran beside them.
+    keeps the pools it already has. Without the caps, numba and jax in one worker's metrics
+    could take every core while the other worker's training was being timed.
     """
     old = {v: os.environ.get(v) for v in (*_THREAD_VARS, "XLA_FLAGS")}
     os.environ.update({v: str(threads) for v in _THREAD_VARS})
