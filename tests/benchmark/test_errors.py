@@ -73,3 +73,48 @@ def test_paper_partition_sizes(tmp_path, data_dir):
 def test_bad_numbers_are_parse_errors(tmp_path):
     with pytest.raises(SystemExit):
         parse(["simulated", "--clients", "two", "--out", str(tmp_path)])
+
+
+def _keys(path, tmp_path, *extra):
+    argv = [str(path), "--batch-key", "lab", "--label-key", "ctype", "--clients", "2", *extra]
+    return [*argv, "--out", str(tmp_path)]
+
+
+def test_log_transformed_counts_name_the_dataset_and_the_layer_option(own_h5ad, tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    a = ad.read_h5ad(own_h5ad)
+    a.X = np.log1p(a.X)
+    path = tmp_path / "logged.h5ad"
+    a.write_h5ad(path)
+    with pytest.raises(
+        ValueError,
+        match=r"dataset 'logged': X contains \d+ non-integer values.*log-transformed.*"
+        r"--layer NAME",
+    ):
+        _plan(_keys(path, tmp_path))
+
+
+def test_counts_in_a_layer_are_read_with_layer(own_h5ad, tmp_path):
+    """``--layer counts`` reads the raw counts of a file whose X is normalized: the plan (data
+    fingerprints, genes, keys) equals that of the same counts stored in X."""
+    import anndata as ad
+    import numpy as np
+
+    a = ad.read_h5ad(own_h5ad)
+    a.layers["counts"] = a.X.copy()
+    a.X = np.log1p(a.X)
+    path = tmp_path / "own.h5ad"  # the same name: the same data set name
+    (tmp_path / "x").mkdir()
+    a.write_h5ad(tmp_path / "x" / "own.h5ad")
+    with_layer = _plan(_keys(tmp_path / "x" / "own.h5ad", tmp_path, "--layer", "counts"))[0]
+    in_x = _plan(_keys(own_h5ad, tmp_path))[0]
+    assert [job.key for _, job in with_layer] == [job.key for _, job in in_x]
+    with pytest.raises(
+        ValueError, match=r"dataset 'own': layers\['raw'\] \(--layer\) is missing.*'counts'"
+    ):
+        _plan(_keys(tmp_path / "x" / "own.h5ad", tmp_path, "--layer", "raw"))
+    with pytest.raises(ValueError, match=r"--layer applies to your own \.h5ad"):
+        settings_from_args(parse(["cortex", "--layer", "counts", "--out", str(tmp_path)]))
+    assert path.exists()  # the fixture's file is untouched

@@ -30,6 +30,7 @@ examples:
   scfedvi benchmark pancreas,cortex --clients 2,3,5 --seeds 0,1,2 --out benchmark-out/paper
   scfedvi benchmark simulated --quick --out bench-smoke
   scfedvi benchmark my.h5ad --batch-key lab --label-key cell_type --clients 2,4 --out bench-mine
+  scfedvi benchmark my.h5ad --layer counts --batch-key lab --label-key cell_type --out bench-mine
   scfedvi benchmark pancreas --partition sites.json --out bench-custom   # {{site: [batch values]}}
 """
 
@@ -61,6 +62,7 @@ def add_benchmark_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-key", help="obs column of the batch (default: the data set's own)")
     p.add_argument("--label-key", help="obs column of the cell type (default: the data set's own)")
+    p.add_argument("--layer", help="the layer of your .h5ad that holds the raw counts (default: X)")
     p.add_argument(
         "--clients", type=_ints, default=(2, 3, 5), help="numbers of sites (default: 2,3,5)"
     )
@@ -107,7 +109,13 @@ def settings_from_args(args: argparse.Namespace):
     if (args.batch_key or args.label_key) and len(names) > 1:
         raise ValueError("--batch-key/--label-key apply to one data set; run one per data set")
     specs = tuple(
-        resolve_dataset(n, batch_key=args.batch_key, label_key=args.label_key, quick=args.quick)
+        resolve_dataset(
+            n,
+            batch_key=args.batch_key,
+            label_key=args.label_key,
+            quick=args.quick,
+            layer=args.layer,
+        )
         for n in names
     )
     if len({s.name for s in specs}) != len(specs):
@@ -164,8 +172,8 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
 def command_line(args: argparse.Namespace) -> str:
     """The exact ``scfedvi benchmark`` command of parsed arguments, every option spelled out."""
     parts = ["scfedvi", "benchmark", args.dataset]
-    for key in ("batch_key", "label_key"):
-        if getattr(args, key):
+    for key in ("batch_key", "label_key", "layer"):
+        if getattr(args, key, None):
             parts += [f"--{key.replace('_', '-')}", getattr(args, key)]
     parts += ["--clients", ",".join(map(str, args.clients)), "--partition", args.partition]
     parts += ["--methods", args.methods, "--seeds", ",".join(map(str, args.seeds))]

@@ -46,6 +46,8 @@ class DatasetSpec:
         ``obs`` columns of the batch and the cell type.
     n_cells
         Random subsample of this many cells (seed 0); ``None``: every cell.
+    layer
+        The layer of ``path`` that holds the raw counts; ``None``: ``X``.
     """
 
     name: str
@@ -53,6 +55,7 @@ class DatasetSpec:
     batch_key: str
     label_key: str
     n_cells: int | None = None
+    layer: str | None = None
 
 
 def resolve_dataset(
@@ -62,11 +65,17 @@ def resolve_dataset(
     label_key: str | None = None,
     quick: bool = False,
     n_cells: int | None = None,
+    layer: str | None = None,
 ) -> DatasetSpec:
     """Turn a data set name or ``.h5ad`` path and optional keys into a :class:`DatasetSpec`."""
     from scfedvi.data.loaders import DATASETS
 
     sub = n_cells if n_cells is not None else (QUICK_CELLS if quick else None)
+    if layer is not None and (dataset in DATASETS or dataset == "simulated"):
+        raise ValueError(
+            f"dataset {dataset!r}: --layer applies to your own .h5ad; the named data sets "
+            "hold their counts in X: leave --layer out"
+        )
     if dataset in DATASETS:
         info = DATASETS[dataset]
         return DatasetSpec(
@@ -88,18 +97,21 @@ def resolve_dataset(
             f"dataset {path.name!r}: pass --batch-key and --label-key (obs columns of the batch "
             "and of the cell type) for your own .h5ad"
         )
-    return DatasetSpec(path.stem, str(path.resolve()), batch_key, label_key, sub)
+    return DatasetSpec(path.stem, str(path.resolve()), batch_key, label_key, sub, layer)
 
 
 @lru_cache(maxsize=4)
 def load_data(spec: DatasetSpec) -> AnnData:
-    """Read the data of ``spec``: keys checked, unique cell names, cells without counts dropped.
+    """Read the data of ``spec``: counts (``X`` or ``spec.layer``) and keys checked, unique cell
+    names, cells without counts dropped.
 
     The result is cached per process; treat it as read-only.
     """
     import anndata as ad
 
+    from scfedvi.data.errors import SiteDataError
     from scfedvi.data.loaders import DATASETS, load_dataset
+    from scfedvi.data.validate import check_count_values
 
     if spec.name == "simulated" and spec.path is None:
         from scfedvi.data.simulate import simulate
@@ -112,6 +124,18 @@ def load_data(spec: DatasetSpec) -> AnnData:
     else:
         adata = ad.read_h5ad(spec.path)
     where = f"dataset {spec.name!r}"
+    if spec.layer is not None:
+        if spec.layer not in adata.layers:
+            names = ", ".join(repr(k) for k in adata.layers) or "none"
+            raise ValueError(
+                f"{where}: layers[{spec.layer!r}] (--layer) is missing; available layers: "
+                f"{names}; pass --layer NAME, or leave it out to read X"
+            )
+        adata = ad.AnnData(adata.layers[spec.layer], obs=adata.obs, var=adata.var)
+    try:
+        check_count_values(adata.X, site=None, layer=spec.layer)
+    except SiteDataError as err:  # the message names the API's layer=; add the option
+        raise ValueError(f"{where}: {err}; on the command line: --layer NAME") from None
     for key, option in ((spec.batch_key, "--batch-key"), (spec.label_key, "--label-key")):
         if key not in adata.obs.columns:
             cols = ", ".join(repr(c) for c in adata.obs.columns)
