@@ -137,6 +137,7 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(tmp_path, small_adata, ca
     err = capsys.readouterr().err
     assert rc == 2
     assert "lab-bad" in err and "Traceback" not in err
+    assert "log-transformed" in err and err.rstrip().endswith("on the command line: --layer NAME")
     rc = main(
         ["train", "--site", f"lab-ok={ok}", "--batch-key", "tech", "--out", str(tmp_path / "o")]
     )

@@ -190,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         RuntimeError,
         ImportError,
     ) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        if args.command == "train" and "layer=" in msg:  # the data layer speaks the API's words
+            msg += "; on the command line: --layer NAME"
         print(f"scfedvi {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
