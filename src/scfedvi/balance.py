@@ -69,9 +69,9 @@ def federated_kmeans(
     """
     if n_clusters < 1:
         raise ValueError(f"n_clusters={n_clusters}: use 1 or more clusters")
+    embeddings = [np.asarray(z, dtype=np.float64) for z in embeddings]  # float32 is exact in it
     sent = []
     for i, z in enumerate(embeddings):  # step 1, at each site
-        z = np.asarray(z, dtype=np.float64)
         c = _kmeans(z, np.ones(len(z)), n_clusters, seed + i)
         sent.append((c, np.bincount(_assign(z, c), minlength=len(c))))
     points = np.concatenate([c for c, _ in sent])
@@ -80,12 +80,12 @@ def federated_kmeans(
     for _ in range(rounds):  # step 2: sums and counts only
         sums, total = np.zeros_like(centroids), np.zeros(len(centroids))
         for z in embeddings:
-            a = _assign(np.asarray(z, dtype=np.float64), centroids)
+            a = _assign(z, centroids)
             np.add.at(sums, a, z)
             total += np.bincount(a, minlength=len(centroids))
         live = total > 0
         centroids[live] = sums[live] / total[live, None]
-    return [_assign(np.asarray(z, dtype=np.float64), centroids) for z in embeddings]
+    return [_assign(z, centroids) for z in embeddings]
 
 
 def embed_balanced(
