@@ -1,16 +1,17 @@
-"""Measure composition-balanced site statistics (:mod:`scfedvi.balance`) against the default.
+"""Measure composition-balanced site statistics (:mod:`scfedvi.federation.balance`, the default)
+against each site's own statistics, on the same trained models.
 
 For each number of sites and seed: train the benchmark's default scFedVI (the same settings
-and code as ``scfedvi benchmark``), embed each site with its site-local statistics (the
-default), then with :func:`scfedvi.balance.embed_balanced` for each ``--k``, and, as a bound,
-balanced on the true cell types (the "oracle", which uses labels). The trained weights are the
-same for every row; only the statistics used to embed differ.
+and code as ``scfedvi benchmark``), embed each site with its own statistics only (balancing
+off), then balanced for each ``--k`` (clusters; ``--rounds`` k-means message rounds), and, as
+a bound, balanced on the true cell types (the "oracle", which uses labels). The trained
+weights are the same for every row; only the statistics used to embed differ.
 
     python benchmarks/balanced_stats.py cortex --clients 2,3,5 --seeds 0,1,2 --k 8,16
 
-Prints batch / cell-type LISI (mean over cells; with ``--scib`` also the scIB metrics of the
-balanced rows, computed by the benchmark's own evaluation) and appends JSON lines (with the
-command, versions and seeds) to ``--out``.
+Prints batch / cell-type LISI (mean over cells; with ``--scib`` also the scIB metrics of every
+row, computed by the benchmark's own evaluation) and appends JSON lines (with the command,
+versions and seeds) to ``--out``.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--k", default="8,16", help="numbers of clusters")
     p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10, help="k-means message rounds per pass")
     p.add_argument("--out", default="benchmark-out/balanced_stats.jsonl")
     p.add_argument(
         "--scib",
         action="store_true",
-        help="also the scIB metrics (the benchmark's evaluation) of the balanced variants (the "
-        "default's are the benchmark's scFedVI row: the same training and evaluation code)",
+        help="also the scIB metrics (the benchmark's evaluation) of every row",
     )
     p.add_argument("--no-oracle", action="store_true", help="leave out the oracle row")
     args = p.parse_args(argv)
@@ -46,15 +47,18 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from dataclasses import replace
+
     from scfedvi import __version__
-    from scfedvi.balance import embed_balanced
     from scfedvi.benchmark.cli import add_benchmark_parser, settings_from_args
     from scfedvi.benchmark.evaluate import evaluate
     from scfedvi.benchmark.methods import METHODS, scfedvi_config
     from scfedvi.benchmark.plan import plan
     from scfedvi.benchmark.runner import _task
+    from scfedvi.federation.balance import resample_weights
     from scfedvi.metrics import compute_lisi
     from scfedvi.model import ScFedVI
+    from scfedvi.train.local import SiteTensors, calibrate_norm_stats, embed
 
     bp = argparse.ArgumentParser()
     add_benchmark_parser(bp.add_subparsers(dest="command"))
@@ -84,25 +88,45 @@ def main(argv: list[str]) -> int:
                 index=task.adata.obs_names,
             )
             sites = {name: model._site_data[name] for name in model.sites}
-            default = {n: model.get_latent_representation(site=n, write=False) for n in sites}
-            variants = {"default (site-local statistics)": default}
+            workers = {w.name: w for w in model._live[1]}
+            off = {n: workers[n].embed(model.params, []) for n in sites}
+            variants = {"site-local statistics (balancing off)": off}
             for k in [int(x) for x in args.k.split(",")]:
-                variants[f"balanced, k-means K={k}, {args.iterations} iterations"] = embed_balanced(
-                    model, k, iterations=args.iterations, seed=seed, write=False
+                fed = replace(
+                    cfg.federation,
+                    balance_clusters=k,
+                    balance_iterations=args.iterations,
+                    balance_rounds=args.rounds,
                 )
+                model.config, model._balance = replace(cfg, federation=fed), None
+                name = f"balanced, K={k}, {args.iterations} passes, {args.rounds} rounds"
+                variants[name] = {
+                    n: model.get_latent_representation(site=n, write=False) for n in sites
+                }
+            model.config = cfg
             labels = obs["label"].to_numpy()
             pre = None
             if args.scib:  # (imported after the methods: baselines imports them)
                 from scfedvi.benchmark.baselines import pca_settings, unintegrated_pca
 
                 pre = unintegrated_pca(task, pca_settings(False), seed=0)
-            if not args.no_oracle:
-                rows = {
-                    n: task.adata.obs_names.get_indexer(sd.obs_names) for n, sd in sites.items()
-                }
-                variants["oracle: balanced on true labels"] = embed_balanced(
-                    model, labels={n: labels[r] for n, r in rows.items()}, write=False
-                )
+            if not args.no_oracle:  # one pass, weighted to the true cell types' composition
+                codes, uniq = pd.factorize(labels)
+                share = np.bincount(codes, minlength=len(uniq)) / len(codes)
+                oracle = {}
+                for n, sd in sites.items():
+                    g = codes[task.adata.obs_names.get_indexer(sd.obs_names)]
+                    w = resample_weights(g, share)
+                    idx = np.random.default_rng(0).choice(
+                        len(g), size=4 * len(g), replace=True, p=w / w.sum()
+                    )
+                    wk = workers[n]
+                    wk.embed(model.params, [])  # global weights, the site's own statistics
+                    calibrate_norm_stats(
+                        wk.module, SiteTensors(wk.data.X[idx], wk.data.batch_index[idx])
+                    )
+                    oracle[n] = embed(wk.module, wk.data)
+                variants["oracle: balanced on true labels"] = oracle
             for name, zs in variants.items():
                 Z = np.full((task.adata.n_obs, model.config.model.n_latent), np.nan, np.float32)
                 for n, sd in sites.items():
@@ -120,7 +144,7 @@ def main(argv: list[str]) -> int:
                     "versions": {"scfedvi": __version__, "torch": torch.__version__},
                 }
                 scib = ""
-                if args.scib and not name.startswith("default"):
+                if args.scib:
                     ev = evaluate(
                         Z,
                         task.adata.obs,

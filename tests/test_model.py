@@ -68,6 +68,27 @@ def test_saved_model_embeds_a_site_alone(trained, tmp_path):
     )
     assert LATENT_KEY in site.obsm
     assert len(loaded.history) == len(trained.history)
+    # the balancing steps travel with the model: a site alone embeds the same way
+    steps, loaded_steps = trained.balance_steps(), loaded.balance_steps()
+    assert len(steps) == FAST.federation.balance_iterations == len(loaded_steps)
+    for a, b in zip(steps, loaded_steps, strict=True):
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        np.testing.assert_array_equal(a.composition, b.composition)
+
+
+def test_a_model_saved_without_balancing_steps_embeds_unbalanced_and_says_so(
+    trained, tmp_path, caplog
+):
+    trained.save(tmp_path / "m")
+    (tmp_path / "m" / "balance.npz").unlink()
+    loaded = ScFedVI.load(tmp_path / "m")
+    assert "balance.npz is missing" in caplog.text
+    assert loaded.balance_steps() == []
+    site = trained.sites["lab-b"].copy()
+    worker_z = {w.name: w for w in trained._live[1]}["lab-b"].embed(trained.params, [])
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(site), worker_z, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_site_with_genes_in_another_order_gets_the_same_embedding(trained):

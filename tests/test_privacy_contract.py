@@ -8,7 +8,12 @@ import pytest
 from scfedvi.config import FederationConfig, ModelConfig, RunConfig, TrainConfig
 from scfedvi.data.harmonize import gene_universe, site_genes, site_summary
 from scfedvi.federation.aggregate import SiteUpdate
-from scfedvi.federation.payload import PayloadViolation, check_summary, check_update
+from scfedvi.federation.payload import (
+    PayloadViolation,
+    check_balance_reply,
+    check_summary,
+    check_update,
+)
 from scfedvi.federation.site import SiteWorker
 from scfedvi.model import ScFedVI
 from scfedvi.module.vae import VAE
@@ -89,3 +94,52 @@ def test_the_checker_can_fail():
         check_summary({**ok, "stats": {"b": {"x": list(range(7))}}}, 7)
     with pytest.raises(PayloadViolation, match="distinct"):
         check_summary({**ok, "labels": ["t", "t", "u"]}, 7)
+
+
+def test_every_balancing_reply_is_whitelisted(small_adata, monkeypatch):
+    """In process, every reply a site computes for balancing (its own centroids, then
+    per-cluster sums, with counts) passes the site's own check."""
+    import scfedvi.federation.balance as balance
+
+    cfg = RunConfig(
+        model=ModelConfig(n_hidden=16, n_latent=3),
+        train=TrainConfig(batch_size=32, local_epochs=1),
+        federation=FederationConfig(n_rounds=1, balance_rounds=3),
+    )
+    sites = {"a": small_adata[:100].copy(), "b": small_adata[100:].copy()}
+    model = ScFedVI.from_sites(sites, batch_key="batch", n_top_genes=None, config=cfg)
+    model.train(progress=False)
+    sent = []
+    for name in ("local_centroids", "cluster_sums"):
+        real = getattr(balance, name)
+
+        def recording(*a, _real=real, _phase=name, **k):
+            out = _real(*a, **k)
+            sent.append((_phase, out))
+            return out
+
+        monkeypatch.setattr(balance, name, recording)
+    steps = model.balance_steps()
+    assert len(steps) == 2
+    assert [p for p, _ in sent].count("local_centroids") == 2 * 2  # 2 sites x 2 passes
+    assert [p for p, _ in sent].count("cluster_sums") == 2 * 2 * 3  # x 3 rounds
+    for phase, (values, counts) in sent:
+        kind = balance.CENTROIDS if phase == "local_centroids" else balance.SUMS
+        check_balance_reply("a", kind, values, counts, n_clusters=8, n_latent=3)
+
+
+def test_the_balancing_checker_can_fail():
+    ok = np.ones((2, 3)), np.array([12, 20])
+    check_balance_reply("a", "centroids", *ok, n_clusters=8, n_latent=3)
+    with pytest.raises(PayloadViolation, match="fewer than 10 cells"):
+        check_balance_reply("a", "centroids", ok[0], np.array([3, 20]), n_clusters=8, n_latent=3)
+    with pytest.raises(PayloadViolation, match="a sum over fewer"):
+        check_balance_reply("a", "sums", ok[0], np.array([3, 20]), n_clusters=8, n_latent=3)
+    check_balance_reply("a", "sums", np.array([[0.0] * 3, [1.0] * 3]), np.array([3, 20]),
+                        n_clusters=8, n_latent=3)  # fmt: skip
+    with pytest.raises(PayloadViolation, match="at most 8 rows"):
+        check_balance_reply(
+            "a", "sums", np.ones((50, 3)), np.full(50, 20), n_clusters=8, n_latent=3
+        )
+    with pytest.raises(PayloadViolation, match="one integer per cluster"):
+        check_balance_reply("a", "sums", *ok[:1], np.array([12.5, 20]), n_clusters=8, n_latent=3)

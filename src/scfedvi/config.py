@@ -144,6 +144,18 @@ class FederationConfig:
         Fewest site updates that make a valid round.
     seed
         Seed of the whole run (initialization, minibatch order, dropout).
+    balance_clusters
+        Composition-balanced statistics (:mod:`scfedvi.federation.balance`): after training,
+        the sites cluster their embeddings into this many latent clusters by federated k-means
+        and each site recomputes its site-local statistics on its cells weighted to the
+        federation's composition of them. ``0`` turns it off. Used only with site-local
+        BatchNorm statistics (otherwise there is nothing to balance) and without differential
+        privacy (its accountant does not cover the clusters' sums): see
+        :attr:`RunConfig.balance_clusters`.
+    balance_iterations
+        Balancing passes (each clusters the previous pass's embedding).
+    balance_rounds
+        Message rounds of federated k-means per pass (sites send per-cluster sums and counts).
     """
 
     n_rounds: int = 20
@@ -154,10 +166,20 @@ class FederationConfig:
     server_momentum: float = 0.9
     min_sites: int = 1
     seed: int = 0
+    balance_clusters: int = 8
+    balance_iterations: int = 2
+    balance_rounds: int = 10
 
     def __post_init__(self) -> None:
         if self.n_rounds < 1:
             raise ValueError(f"FederationConfig.n_rounds must be >= 1, got {self.n_rounds}")
+        if self.balance_clusters < 0:
+            raise ValueError(
+                f"FederationConfig.balance_clusters must be >= 0 (0: off), got {self.balance_clusters}"
+            )
+        for name in ("balance_iterations", "balance_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FederationConfig.{name} must be >= 1, got {getattr(self, name)}")
         _check_choice("norm_stats", self.norm_stats, ("local", "global", "averaged"))
         _check_choice("server_optimizer", self.server_optimizer, ("fedavg", "fedavgm", "fedadam"))
         if self.min_sites < 1:
@@ -205,6 +227,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @property
+    def local_batchnorm(self) -> bool:
+        """Whether sites train and embed with their own BatchNorm statistics."""
+        return self.federation.norm_stats == "local" and "batch" in self.model.norms
+
+    @property
+    def balance_clusters(self) -> int:
+        """The clusters balancing uses: ``FederationConfig.balance_clusters`` with site-local
+        BatchNorm statistics and without differential privacy, else 0 (off)."""
+        if not self.local_batchnorm or self.privacy.enabled:
+            return 0
+        return self.federation.balance_clusters
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -106,8 +106,14 @@ def site_state(model: ScFedVI, site_data: SiteData) -> dict[str, torch.Tensor]:
     cfg = model.config
     module = build_module(model.schema.n_genes, model.schema.n_batches, cfg.model)
     set_state(module, model.params)  # type: ignore[arg-type]
-    if cfg.federation.norm_stats == "local" and "batch" in cfg.model.norms:
-        calibrate_norm_stats(module, SiteTensors(site_data.X, site_data.batch_index))
+    if cfg.local_batchnorm:
+        data = SiteTensors(site_data.X, site_data.batch_index)
+        calibrate_norm_stats(module, data)
+        steps = model.balance_steps()
+        if steps:  # the federation's composition-balanced statistics, as the model embeds
+            from scfedvi.federation.balance import balanced_statistics
+
+            balanced_statistics(module, data, steps)
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 

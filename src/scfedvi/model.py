@@ -19,11 +19,12 @@ from scfedvi.data.harmonize import harmonize
 from scfedvi.data.schema import FederationSchema, SiteData, project
 
 log = logging.getLogger(__name__)
-MODEL_FILE, SCHEMA_FILE, CONFIG_FILE, HISTORY_FILE = (
+MODEL_FILE, SCHEMA_FILE, CONFIG_FILE, HISTORY_FILE, BALANCE_FILE = (
     "model.npz",
     "schema.json",
     "config.json",
     "history.csv",
+    "balance.npz",
 )
 
 
@@ -66,6 +67,8 @@ class ScFedVI:
         self._site_data: dict[str, SiteData] = {}
         # the coordinator and site workers of the last training call (continued by the next)
         self._live: tuple[Any, list[Any]] | None = None
+        # the composition-balancing steps of the trained model (None: not computed yet)
+        self._balance: list[Any] | None = None
         for name, adata in self.sites.items():
             self._site_data[name] = project(
                 adata, schema, site=name, layer=layer, batch_size=self.config.train.batch_size
@@ -177,6 +180,7 @@ class ScFedVI:
         bar.close()
         self._live = (coord, workers)
         self.params = coord.params
+        self._balance = None  # computed again for these weights when first needed
         self.history = pd.DataFrame(coord.history)
         return self.history
 
@@ -187,6 +191,28 @@ class ScFedVI:
             SiteWorker(n, _tensors(sd), self.schema.n_genes, self.schema.n_batches, self.config)
             for n, sd in self._site_data.items()
         ]
+
+    # -- balancing ---------------------------------------------------------------------------
+    def balance_steps(self) -> list[Any]:
+        """The composition-balancing steps every site applies to its statistics when embedding.
+
+        Computed once per trained state over the training sites, by the same federated
+        k-means as the Flower app runs (:mod:`scfedvi.federation.balance`); a loaded model
+        has them from its directory. Empty when the configuration turns balancing off
+        (``FederationConfig.balance_clusters``).
+        """
+        self._require_trained()
+        if self._balance is None:
+            self._balance = self._balance_in_process() if self.config.balance_clusters else []
+        return self._balance
+
+    def _balance_in_process(self) -> list[Any]:
+        from scfedvi.federation.balance import balance_in_process
+
+        if not self._site_data:
+            raise RuntimeError("this model has no sites to compute its balancing steps on")
+        workers = self._live[1] if self._live is not None else self._workers()
+        return balance_in_process(workers, self.params, self.config)  # type: ignore[arg-type]
 
     # -- embedding ---------------------------------------------------------------------------
     def get_latent_representation(
@@ -217,7 +243,7 @@ class ScFedVI:
         worker = SiteWorker(
             sd.site, _tensors(sd), self.schema.n_genes, self.schema.n_batches, self.config
         )
-        z = worker.embed(self.params)  # type: ignore[arg-type]
+        z = worker.embed(self.params, self.balance_steps())  # type: ignore[arg-type]
         if write:
             if z.shape[0] != adata.n_obs:  # cells without counts were dropped
                 full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
@@ -246,6 +272,9 @@ class ScFedVI:
             json.dumps({"config": self.config.to_dict(), "layer": self.layer}, indent=2)
         )
         self.history.to_csv(d / HISTORY_FILE, index=False)
+        from scfedvi.federation.balance import steps_to_arrays
+
+        np.savez(d / BALANCE_FILE, **steps_to_arrays(self.balance_steps()))  # type: ignore[arg-type]
         return d
 
     @classmethod
@@ -264,6 +293,7 @@ class ScFedVI:
             model.params = {k: z[k] for k in z.files}
         if (d / HISTORY_FILE).exists() and (d / HISTORY_FILE).stat().st_size > 1:
             model.history = pd.read_csv(d / HISTORY_FILE)
+        model._balance = _load_balance(d / BALANCE_FILE, model.config.balance_clusters)
         return model
 
     def to_scvi(self, adata: ad.AnnData) -> Any:
@@ -284,6 +314,21 @@ class ScFedVI:
             f"ScFedVI({state}; {len(self.sites)} sites, {s.n_genes} genes, {s.n_batches} batches "
             f"of {s.batch_key!r}, schema {s.hash[:12]})"
         )
+
+
+def _load_balance(path: Path, clusters: int) -> list[Any]:
+    from scfedvi.federation.balance import steps_from_arrays
+
+    if not path.exists():
+        if clusters:
+            log.warning(
+                "%s is missing (a model saved before balancing existed): embedding with each "
+                "site's own statistics, unbalanced",
+                path,
+            )
+        return []
+    with np.load(path) as z:
+        return steps_from_arrays({k: z[k] for k in z.files})
 
 
 def _split(adata: ad.AnnData, split_key: str | None) -> dict[str, ad.AnnData]:

@@ -15,8 +15,18 @@ N_CELLS, N_GENES, N_TOP = 450, 60, 40
 ROUNDS = 2
 
 
+#: Balancing message rounds per pass in the Flower tests (each is a message to every site).
+BALANCE_ROUNDS = 2
+
+
 def run_config(**federation) -> RunConfig:
-    fed = {"n_rounds": ROUNDS, "min_sites": 2, "seed": 0, **federation}
+    fed = {
+        "n_rounds": ROUNDS,
+        "min_sites": 2,
+        "seed": 0,
+        "balance_rounds": BALANCE_ROUNDS,
+        **federation,
+    }
     return RunConfig(train=TrainConfig(local_epochs=1), federation=FederationConfig(**fed))
 
 
@@ -24,6 +34,7 @@ def flower_run_config(out_dir: Path, **extra: object) -> dict[str, object]:
     """The Flower run config matching :func:`run_config`."""
     cfg: dict[str, object] = {
         "num-server-rounds": ROUNDS,
+        "balance-rounds": BALANCE_ROUNDS,
         "local-epochs": 1,
         "seed": 0,
         "min-sites": 2,
@@ -76,8 +87,11 @@ def make_site_files(d: Path) -> SiteFiles:
     return SiteFiles(d, paths, counts)
 
 
-def reference(site_files: SiteFiles, n_rounds: int = ROUNDS) -> tuple[str, dict[str, np.ndarray]]:
-    """(schema hash, global parameters) of the in-process runtime on the same sites."""
+def reference(
+    site_files: SiteFiles, n_rounds: int = ROUNDS
+) -> tuple[str, dict[str, np.ndarray], list]:
+    """(schema hash, global parameters, balancing steps) of the in-process runtime on the
+    same sites."""
     import anndata as ad
 
     from scfedvi.data.harmonize import harmonize
@@ -97,7 +111,9 @@ def reference(site_files: SiteFiles, n_rounds: int = ROUNDS) -> tuple[str, dict[
         workers.append(SiteWorker(s, tensors, schema.n_genes, schema.n_batches, cfg))
     coord = Coordinator(schema.n_genes, schema.n_batches, cfg, schema_hash=schema.hash)
     run_in_process(coord, workers, n_rounds)
-    return schema.hash, coord.params
+    from scfedvi.federation.balance import balance_in_process
+
+    return schema.hash, coord.params, balance_in_process(workers, coord.params, cfg)
 
 
 def start_sites(cluster: Cluster, site_files: SiteFiles) -> None:
@@ -105,8 +121,8 @@ def start_sites(cluster: Cluster, site_files: SiteFiles) -> None:
         cluster.start_supernode(site, site_files.paths[site])
 
 
-def check_model(out: Path, in_process: tuple[str, dict[str, np.ndarray]]) -> None:
-    schema_hash, params = in_process
+def check_model(out: Path, in_process: tuple[str, dict[str, np.ndarray], list]) -> None:
+    schema_hash, params, steps = in_process
     from scfedvi.model import ScFedVI
 
     model = ScFedVI.load(out / "model")
@@ -114,3 +130,9 @@ def check_model(out: Path, in_process: tuple[str, dict[str, np.ndarray]]) -> Non
     assert set(model.params) == set(params)
     for k, v in params.items():
         np.testing.assert_allclose(model.params[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    # the same balancing steps (federated k-means as message rounds = in process)
+    got = model.balance_steps()
+    assert len(got) == len(steps) == model.config.federation.balance_iterations
+    for a, b in zip(got, steps, strict=True):
+        np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a.composition, b.composition, rtol=0, atol=1e-12)

@@ -48,7 +48,7 @@ def test_deployment_equals_in_process(cluster, site_files, in_process, tmp_path)
 
 #: What a reply may carry, by record: (record kind, allowed item names or None for any).
 SETUP_CONFIG = {"site", "genes", "batches", "counts", "labels", "schema-hash"}
-ROUND_CONFIG = {"site", "schema-hash", "round", "batch-counts", "n-embedded"}
+ROUND_CONFIG = {"site", "schema-hash", "round", "batch-counts", "n-embedded", "phase"}
 
 
 def check_payloads(path: Path, site_files: SiteFiles, shared: dict[str, np.ndarray]) -> None:
@@ -56,7 +56,14 @@ def check_payloads(path: Path, site_files: SiteFiles, shared: dict[str, np.ndarr
     replies = [json.loads(line) for line in path.read_text().splitlines()]
     n_cells = set(site_files.n_cells.values())
     types = {r["type"] for r in replies}
-    assert types == {"query.genes", "query.summary", "query.schema", "train", "query.embed"}
+    assert types == {
+        "query.genes",
+        "query.summary",
+        "query.schema",
+        "train",
+        "query.balance",
+        "query.embed",
+    }
     assert not [r for r in replies if "error" in r]
     for r in replies:
         for name, rec in r["records"].items():
@@ -67,6 +74,9 @@ def check_payloads(path: Path, site_files: SiteFiles, shared: dict[str, np.ndarr
                     if name == "arrays":  # the model's shared parameters, as named and shaped
                         assert r["type"] == "train"
                         assert list(shared[key].shape) == a["shape"], key
+                    elif name == "clusters":  # balancing: at most 8 clusters x latent
+                        assert r["type"] == "query.balance" and key in ("values", "counts")
+                        assert a["shape"][0] <= 8 and a["shape"][1:] in ([], [10]), a
                     else:  # per-batch, per-gene summaries of the setup round
                         assert (r["type"], name) == ("query.summary", "stats"), key
                         assert len(a["shape"]) == 1 and a["dtype"] == "float64"

@@ -4,7 +4,9 @@ A site sends (1) its harmonization summary (gene names, cells per batch, per-gen
 (2) each round: parameter arrays named and shaped as the model's shared parameters (and, with
 SCAFFOLD, control-variate deltas of the same shapes), its cell count, its cells per batch and
 scalar metrics (:data:`METRIC_KEYS`: means over its cells, including the validation loss on its
-held-out cells). Nothing with a cell dimension, no cell name, no label per cell.
+held-out cells), (3) after training, for balanced statistics: cluster centroids or sums in
+the latent space, of clusters holding at least ``MIN_CLUSTER_CELLS`` of its cells, and
+per-cluster counts. Nothing with a cell dimension, no cell name, no label per cell.
 """
 
 from __future__ import annotations
@@ -98,3 +100,35 @@ def check_summary(summary: Mapping[str, Any], n_cells: int, *, site: str = "?") 
     if labels is not None:
         if not isinstance(labels, list | tuple) or len(set(labels)) != len(labels):
             raise PayloadViolation(f"{where}: summary.labels must be the distinct label categories")
+
+
+def check_balance_reply(
+    site: str,
+    phase: str,
+    values: np.ndarray,
+    counts: np.ndarray,
+    *,
+    n_clusters: int,
+    n_latent: int,
+) -> None:
+    """Check a site's balancing reply: centroids (``phase="centroids"``) or per-cluster sums
+    (``"sums"``) with their counts; nothing from a cluster of fewer than
+    :data:`~scfedvi.federation.balance.MIN_CLUSTER_CELLS` cells but its count."""
+    from scfedvi.federation.balance import CENTROIDS, MIN_CLUSTER_CELLS, SUMS
+
+    where = f"site {site!r}, balancing ({phase})"
+    values, counts = np.asarray(values), np.asarray(counts)
+    if phase not in (CENTROIDS, SUMS):
+        raise PayloadViolation(f"{where}: unknown phase")
+    if values.ndim != 2 or values.shape[1] != n_latent or len(values) > n_clusters:
+        raise PayloadViolation(
+            f"{where}: values of shape {values.shape}, expected at most {n_clusters} rows of "
+            f"{n_latent}"
+        )
+    if counts.shape != (len(values),) or not np.issubdtype(counts.dtype, np.integer):
+        raise PayloadViolation(f"{where}: counts must be one integer per cluster")
+    small = counts < MIN_CLUSTER_CELLS
+    if phase == CENTROIDS and small.any():
+        raise PayloadViolation(f"{where}: a centroid of fewer than {MIN_CLUSTER_CELLS} cells")
+    if phase == SUMS and np.any(values[small] != 0):
+        raise PayloadViolation(f"{where}: a sum over fewer than {MIN_CLUSTER_CELLS} cells")

@@ -8,6 +8,7 @@ variates stay with it (in memory, or in its own state file between Flower messag
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from scfedvi.config import RunConfig
 from scfedvi.federation.aggregate import SiteUpdate
+from scfedvi.federation.balance import BalanceStep, balanced_statistics
 from scfedvi.train.local import (
     LocalState,
     SiteTensors,
@@ -69,12 +71,22 @@ class SiteWorker:
             control_delta=result.control_delta,
         )
 
-    def embed(self, global_params: Params) -> np.ndarray:
-        """The site's cells in the global latent space, computed at the site."""
+    def embed(self, global_params: Params, balance: Sequence[BalanceStep] = ()) -> np.ndarray:
+        """The site's cells in the global latent space, computed at the site.
+
+        With site-local statistics, the site computes them on its own cells, then applies the
+        federation's ``balance`` steps (:mod:`scfedvi.federation.balance`) to them.
+        """
         set_state(self.module, global_params)
-        if self.config.federation.norm_stats == "local" and "batch" in self.config.model.norms:
-            calibrate_norm_stats(self.module, self.data)
-        return embed(self.module, self.data)
+        if not self.config.local_batchnorm:
+            if balance:
+                raise ValueError(
+                    f"site {self.name!r}: balancing steps need site-local BatchNorm statistics"
+                )
+            return embed(self.module, self.data)
+        calibrate_norm_stats(self.module, self.data)
+        z = embed(self.module, self.data)
+        return balanced_statistics(self.module, self.data, balance, z=z) if balance else z
 
     # -- private state on disk (the site's own storage) -------------------------------------
     def save_state(self, path: str | os.PathLike) -> None:

@@ -5,7 +5,9 @@ data is read from ``data-path`` each time, and its private training state (norma
 statistics, optimizer moments, control variates) is saved in ``state-dir`` after each round
 and reloaded for the next. A reply carries only what :mod:`scfedvi` lets leave a site:
 gene names and per-gene summaries (setup), shared parameters, cell counts (in total and per
-batch), scalar metrics, the schema hash and the round; the embedding stays at the site.
+batch), scalar metrics, the schema hash and the round, and for balancing cluster centroids and
+sums with their counts (see :mod:`scfedvi.federation.payload`); the embedding stays at the
+site.
 
 The training modules (torch) are imported only by the handlers that train or embed.
 """
@@ -170,12 +172,43 @@ def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
     return rd
 
 
+def _steps(msg: Message) -> list:
+    from scfedvi.federation.balance import steps_from_arrays
+
+    if m.STEPS not in msg.content.array_records:
+        return []
+    return steps_from_arrays(m.record_to_params(msg.content.array_records[m.STEPS]))
+
+
+@app.query("balance")
+@site_handler
+def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
+    """Balancing: embed with the steps so far; send cluster centroids or sums, and counts."""
+    from scfedvi.federation.balance import CENTROIDS, cluster_sums, local_centroids
+    from scfedvi.federation.payload import check_balance_reply
+
+    worker, _, _, sch = _worker(msg, node, cfg)
+    c = msg.content.config_records[m.CONFIG]
+    z = worker.embed(m.record_to_params(msg.content.array_records[m.ARRAYS]), _steps(msg))
+    phase, k = str(c[m.PHASE]), int(c[m.N_CLUSTERS])  # type: ignore[arg-type]
+    if phase == CENTROIDS:
+        values, counts = local_centroids(z, k, int(c[m.SEED]))  # type: ignore[arg-type]
+    else:
+        centroids = m.record_to_params(msg.content.array_records[m.CENTROIDS])[m.CENTROIDS]
+        values, counts = cluster_sums(z, centroids)
+    check_balance_reply(node.site, phase, values, counts, n_clusters=k, n_latent=z.shape[1])
+    rd = {m.CLUSTERS: m.params_to_record({"values": values, "counts": counts})}
+    extra = {m.SITE: node.site, m.PHASE: phase}
+    return RecordDict({**rd, m.CONFIG: m.round_config(sch.hash, int(c[m.ROUND]), **extra)})  # type: ignore[arg-type]
+
+
 @app.query("embed")
 @site_handler
 def embed(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
-    """Embed the site's cells with the global model; write them locally, send only a count."""
+    """Embed the site's cells with the global model and the balancing steps; write them
+    locally, send only a count."""
     worker, adata, sd, sch = _worker(msg, node, cfg)
-    z = worker.embed(m.record_to_params(msg.content.array_records[m.ARRAYS]))
+    z = worker.embed(m.record_to_params(msg.content.array_records[m.ARRAYS]), _steps(msg))
     full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
     full[adata.obs_names.get_indexer(sd.obs_names)] = z  # cells without counts stay NaN
     adata.obsm[LATENT_KEY] = full

@@ -20,15 +20,21 @@ GENES = "query.genes"  # setup 1: the site's gene names
 SUMMARY = "query.summary"  # setup 2: per-batch, per-gene summaries over the universe
 SCHEMA = "query.schema"  # setup 3: the schema; the site checks that its data fits
 TRAIN = "train"  # one round of local training
+BALANCE = "query.balance"  # after training: federated k-means for balanced statistics
 EMBED = "query.embed"  # final: the site embeds its cells locally, returns a count
 
 #: Record names inside a message's content.
 ARRAYS, CONTROL, CONFIG, METRICS, STATS = "arrays", "control", "config", "metrics", "stats"
+#: Balancing: the steps so far, the coordinator's centroids, a site's cluster reply.
+STEPS, CENTROIDS, CLUSTERS = "balance-steps", "centroids", "clusters"
 
 ROUND = "round"
 SITE = "site"
 BATCH_COUNTS = "batch-counts"  # list of [index, count] flattened: [i0, n0, i1, n1, ...]
 N_EMBEDDED = "n-embedded"
+PHASE = "phase"
+N_CLUSTERS = "n-clusters"
+SEED = "seed"
 
 
 def params_to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:

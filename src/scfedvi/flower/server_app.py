@@ -1,4 +1,4 @@
-"""The coordinator as a Flower ServerApp: setup round, training rounds, final embedding.
+"""The coordinator as a Flower ServerApp: setup, training rounds, balancing, final embedding.
 
 The algorithm is :class:`~scfedvi.federation.coordinator.Coordinator`'s; this file only moves
 its parameters to the sites and their updates back. Everything the server writes goes to
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -24,6 +25,7 @@ from scfedvi._constants import SCHEMA_HASH
 from scfedvi.config import RunConfig
 from scfedvi.data.schema import FederationSchema
 from scfedvi.federation.aggregate import SiteUpdate
+from scfedvi.federation.balance import BalanceStep, run_balance, site_seed, steps_to_arrays
 from scfedvi.federation.coordinator import CHECKPOINT, Coordinator
 from scfedvi.flower import messages as m
 from scfedvi.flower.exchange import Exchange
@@ -93,9 +95,13 @@ def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, An
         seconds.append(time.perf_counter() - t0)
         log.info("round %d: %d sites, %.1f s", r, len(updates), seconds[-1])
     last = {str(d["site"]) for d in dropped if d["round"] == coord.round - 1}
-    embedded = embed(ex, coord, fed, app.round_timeout, skip=last)
+    t0 = time.perf_counter()
+    steps, failed = balance(ex, coord, fed, cfg, app.round_timeout, skip=last)
+    balance_seconds = time.perf_counter() - t0
+    dropped += [{"round": "balance", "site": s, "reason": why} for s, why in failed.items()]
+    embedded = embed(ex, coord, fed, app.round_timeout, skip=last, steps=steps)
     history = pd.DataFrame(coord.history)
-    save_model(out / MODEL_DIR, fed.schema, cfg, app, coord, history)
+    save_model(out / MODEL_DIR, fed.schema, cfg, app, coord, history, steps)
     history.to_csv(out / HISTORY_FILE, index=False)
     return {
         "rounds": coord.round,
@@ -105,6 +111,10 @@ def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, An
         "dropped": dropped,
         "embedded": embedded,
         "seconds_per_round": seconds,
+        "balance": {
+            "clusters": [len(st.composition) for st in steps],
+            "seconds": balance_seconds,
+        },
     }
 
 
@@ -151,10 +161,72 @@ def train_round(
     return sorted(updates, key=lambda u: u.site), failed
 
 
+def balance(
+    ex: Exchange,
+    coord: Coordinator,
+    fed: Federation,
+    cfg: RunConfig,
+    timeout: float,
+    skip: set[str],
+) -> tuple[list[BalanceStep], dict[str, str]]:
+    """Composition balancing (:func:`~scfedvi.federation.balance.run_balance`) over the
+    sites, as message rounds; ``(steps, {site: why})`` for sites that failed (left out of
+    the passes that follow)."""
+    k = cfg.balance_clusters
+    if not k:
+        return [], {}
+    fc = cfg.federation
+    failed: dict[str, str] = {}
+    index = {s: i for i, s in enumerate(sorted(fed.sites.values()))}
+
+    def ask(phase: str, steps: list[BalanceStep], centroids: np.ndarray | None) -> list[Any]:
+        online = ex.online()
+        targets = {}
+        for n, s in fed.sites.items():
+            if n not in online or s in skip or s in failed:
+                continue
+            rd = _content(coord, fed.schema.hash, coord.round)
+            extra: dict[str, str | int] = {
+                m.PHASE: phase,
+                m.N_CLUSTERS: k,
+                m.SEED: site_seed(fc.seed, len(steps), index[s]),
+            }
+            rd[m.CONFIG] = m.round_config(fed.schema.hash, coord.round, **extra)
+            if steps:
+                rd[m.STEPS] = m.params_to_record(steps_to_arrays(steps))
+            if centroids is not None:
+                rd[m.CENTROIDS] = m.params_to_record({m.CENTROIDS: centroids})
+            targets[n] = rd
+        res = ex.ask(targets, m.BALANCE, timeout, group_id=f"balance-{len(steps)}")
+        replies = {}
+        for n, reply in res.ok.items():
+            c = reply.content.config_records[m.CONFIG]
+            if c.get(SCHEMA_HASH) != fed.schema.hash or c.get(m.PHASE) != phase:
+                failed[fed.sites[n]] = f"reply for schema {c.get(SCHEMA_HASH)!r} {c.get(m.PHASE)!r}"
+                continue
+            r = m.record_to_params(reply.content.array_records[m.CLUSTERS])
+            replies[fed.sites[n]] = (r["values"], r["counts"])
+        for n, why in res.failed.items():
+            failed[fed.sites[n]] = why
+            log.warning("balancing: site %r dropped: %s", fed.sites[n], why)
+        if not replies:
+            raise RuntimeError(f"balancing: no site answered ({failed})")
+        return [replies[s] for s in sorted(replies)]  # the in-process runtime's order
+
+    steps = run_balance(ask, k, fc.balance_iterations, fc.balance_rounds, fc.seed)
+    return steps, failed
+
+
 def embed(
-    ex: Exchange, coord: Coordinator, fed: Federation, timeout: float, skip: set[str]
+    ex: Exchange,
+    coord: Coordinator,
+    fed: Federation,
+    timeout: float,
+    skip: set[str],
+    steps: list[BalanceStep] | None = None,
 ) -> dict[str, Any]:
-    """Each site embeds its own cells with the global model; returns ``{site: count}``.
+    """Each site embeds its own cells with the global model and the balancing ``steps``;
+    returns ``{site: count}``.
 
     Sites in ``skip`` (those that dropped out of the last round) are not asked; they can
     embed later from the saved model (``scfedvi embed --model OUT/model ...``).
@@ -165,6 +237,9 @@ def embed(
         for n, s in fed.sites.items()
         if n in online and s not in skip
     }
+    if steps:
+        for rd in targets.values():
+            rd[m.STEPS] = m.params_to_record(steps_to_arrays(steps))
     res = ex.ask(targets, m.EMBED, timeout)
     out: dict[str, Any] = {
         fed.sites[n]: int(r.content.config_records[m.CONFIG][m.N_EMBEDDED])  # type: ignore[arg-type]
@@ -184,6 +259,7 @@ def save_model(
     app: AppSettings,
     coord: Coordinator,
     history: pd.DataFrame,
+    steps: list[BalanceStep] | None = None,
 ) -> None:
     """The global model in :meth:`scfedvi.model.ScFedVI.save`'s format."""
     from scfedvi.model import ScFedVI
@@ -191,4 +267,5 @@ def save_model(
     model = ScFedVI(schema, cfg, layer=app.layer or None)
     model.params = coord.params
     model.history = history
+    model._balance = list(steps or [])
     model.save(directory, overwrite=True)

@@ -363,9 +363,11 @@ def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024)
         m.reset_running_stats()
         m.momentum = None
         m.train()
+    decoder_bn = any(isinstance(m, torch.nn.BatchNorm1d) for m in module.decoder.modules())
     for x, b in data.iter_minibatches(batch_size, np.random.default_rng(0), drop_small=True):
         inf = module.inference(x, b)
-        module.generative(inf["qz_m"], inf["library"], b)
+        if decoder_bn:  # the decoder's pass changes no statistic otherwise
+            module.generative(inf["qz_m"], inf["library"], b)
     for m in bns:
         m.momentum = saved[m]
         m.eval()
