@@ -5,8 +5,10 @@ configuration and seeds, trained twice: in process (``run_in_process``) and over
 deployment (a SuperLink and one SuperNode per site on 127.0.0.1, ``flwr run``). Seconds per
 round in process are timed around each round; over Flower they are the ServerApp's own
 timing of each round (send, the sites' fresh ClientApp processes, replies, aggregation,
-checkpoint), read from its ``result.json``. The setup round and the final embedding are
-timed apart (wall time of ``flwr run`` to the result, minus the rounds).
+checkpoint), read from its ``result.json``; so is the balancing step (federated k-means, its
+own message rounds), timed beside the in-process one. The setup round and the final
+embedding are timed apart (wall time of ``flwr run`` to the result, minus the rounds and the
+balancing).
 
 Both use ``--threads`` torch threads (default 1: the ClientApps of the sites run side by side
 on one machine here; in a real deployment each site has its own).
@@ -111,7 +113,18 @@ def in_process(paths: dict, args: argparse.Namespace) -> dict[str, Any]:
     setup = time.perf_counter() - t0
     rounds: list[float] = []
     run_in_process(coord, workers, args.rounds, on_round=lambda r, s: rounds.append(s))
-    return {"setup_s": setup, "seconds_per_round": rounds, "params": coord.params}
+    from scfedvi.federation.balance import balance_in_process
+
+    t0 = time.perf_counter()
+    steps = balance_in_process(workers, coord.params, cfg)
+    balance = time.perf_counter() - t0
+    return {
+        "setup_s": setup,
+        "seconds_per_round": rounds,
+        "balance_s": balance,
+        "balance_clusters": [len(st.composition) for st in steps],
+        "params": coord.params,
+    }
 
 
 def _free_port() -> int:
@@ -227,7 +240,9 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
     return {
         "wall_s": wall,
         "seconds_per_round": result["seconds_per_round"],
-        "setup_and_embed_s": wall - sum(result["seconds_per_round"]),
+        "balance_s": result["balance"]["seconds"],
+        "balance_clusters": result["balance"]["clusters"],
+        "setup_and_embed_s": wall - sum(result["seconds_per_round"]) - result["balance"]["seconds"],
         "params": params,
     }
 
@@ -255,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"in process : {ip:8.3f} s/round (setup {ref['setup_s']:.2f} s)")
     print(f"Flower     : {dep:8.3f} s/round (setup + embedding {fl['setup_and_embed_s']:.1f} s)")
     print(f"ratio      : {dep / ip:8.1f}x   (max relative parameter difference {diff:.1e})")
+    print(
+        f"balancing  : {ref['balance_s']:.2f} s in process, {fl['balance_s']:.1f} s over Flower "
+        f"(clusters per pass {ref['balance_clusters']} / {fl['balance_clusters']})"
+    )
     record = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "versions": {

@@ -106,6 +106,22 @@ def test_train_and_embed_on_files(tmp_path, site_files, capsys):
     np.testing.assert_allclose(
         z, ad.read_h5ad(out / "lab-b.h5ad").obsm["X_scFedVI"], rtol=1e-4, atol=1e-4
     )
+    # a site whose raw counts are in a layer, X log-transformed: the error names the site (the
+    # file's name) and the option; with --layer it embeds the same
+    b = ad.read_h5ad(pb)
+    b.layers["counts"] = b.X.copy()
+    b.X = np.log1p(b.X.toarray())
+    pl = tmp_path / "lab-c.h5ad"
+    b.write_h5ad(pl)
+    args = ["embed", "--model", str(out / "model"), "--input", str(pl), "--out"]
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "c1.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "site 'lab-c'" in err and err.rstrip().endswith("on the command line: --layer NAME")
+    assert main([*args, str(tmp_path / "c2.h5ad"), "--layer", "counts"]) == 0
+    np.testing.assert_allclose(
+        ad.read_h5ad(tmp_path / "c2.h5ad").obsm["X_scFedVI"], z, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_embed_refuses_to_overwrite_its_input(tmp_path, site_files, capsys):

@@ -143,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="folder of a saved model (train's OUT/model)")
     e.add_argument("--input", required=True, help="the site's .h5ad of raw counts")
     e.add_argument("--out", required=True, help="output .h5ad (must differ from --input)")
-    e.add_argument("--site", default="site", help="site name used in messages")
+    e.add_argument("--site", help="site name used in messages (default: the input's file name)")
+    e.add_argument(
+        "--layer", help="layer with raw counts (default: the one the model was trained on)"
+    )
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     from scfedvi.benchmark.cli import add_benchmark_parser
 
@@ -191,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ImportError,
     ) as err:
         msg = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-        if args.command == "train" and "layer=" in msg:  # the data layer speaks the API's words
+        if args.command in ("train", "embed") and "layer=" in msg:  # the API's words
             msg += "; on the command line: --layer NAME"
         print(f"scfedvi {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -138,8 +138,10 @@ def embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_outputs([out], [Path(args.input)], args.overwrite)
     model = ScFedVI.load(args.model)
+    if args.layer is not None:
+        model.layer = args.layer or None  # --layer '' : X
     adata = _read(args.input)
-    z = model.get_latent_representation(adata, site=args.site)
+    z = model.get_latent_representation(adata, site=args.site or Path(args.input).stem)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
     print(f"wrote {out}: obsm['X_scFedVI'] with {z.shape[1]} dimensions for {z.shape[0]} cells")
