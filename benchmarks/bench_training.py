@@ -258,9 +258,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from scfedvi._malloc import describe
-
-    malloc = describe()  # applied before either side runs: both under the same allocator
     import_scvi_s = None
     if not args.skip_scvi:
         t = time.perf_counter()
@@ -272,14 +269,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "args": vars(args),
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
-        "malloc": malloc,
         "load_average_at_start": os.getloadavg(),
         "import_s": {"scfedvi.train.local (with torch)": IMPORT_OURS_S, "scvi": import_scvi_s},
         "datasets": {},
     }
     print(f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()}")
     print(f"versions: {json.dumps(results['versions'])}")
-    print(f"malloc (both sides): {malloc}")
     print(
         f"seed: {args.seed}; one-off import s: ours (with torch) {IMPORT_OURS_S:.2f}, "
         f"scvi-tools {import_scvi_s if import_scvi_s is None else round(import_scvi_s, 2)}"

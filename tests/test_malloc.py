@@ -73,23 +73,17 @@ def test_the_user_can_keep_their_own_malloc_settings(env):
     assert out["mmapped"] >= 4 << 20
 
 
-def test_training_applies_it_once(monkeypatch):
-    import numpy as np
+def test_the_commands_that_train_apply_it_once_and_the_benchmark_does_not(monkeypatch, tmp_path):
+    import scfedvi
+    from scfedvi import _malloc, cli
 
-    from scfedvi import _malloc
-    from scfedvi.config import ModelConfig, TrainConfig
-    from scfedvi.train.local import LocalState, SiteTensors, build_module, local_update
-    from scfedvi.train.params import get_state
-
-    calls = []
+    calls: list[int] = []
     monkeypatch.setattr(_malloc, "_applied", None)
     monkeypatch.setattr(_malloc, "_tune", lambda: calls.append(1) or True)
-    rng = np.random.default_rng(0)
-    data = SiteTensors(rng.poisson(2.0, (40, 20)).astype(np.float32) + 1, np.zeros(40))
-    module = build_module(20, 1, ModelConfig(n_hidden=8, n_latent=2))
-    params = get_state(module)
-    cfg = TrainConfig(local_epochs=1, batch_size=16)
-    for _ in range(2):
-        local_update(module, params, data, cfg, LocalState(), norm_stats="local", seed=0)
+    args = ["embed", "--model", str(tmp_path / "none"), "--input", str(tmp_path / "x.h5ad")]
+    for _ in range(2):  # a missing model: exit 2, after the tuning
+        assert cli.main([*args, "--out", str(tmp_path / "y.h5ad")]) == 2
     assert calls == [1]
-    assert _malloc.tune_malloc() is True
+    assert scfedvi.tune_malloc is _malloc.tune_malloc and scfedvi.tune_malloc() is True
+    assert {"train", "embed", "demo"} <= set(cli.MALLOC_TUNED)
+    assert "benchmark" not in cli.MALLOC_TUNED

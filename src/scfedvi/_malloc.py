@@ -9,10 +9,17 @@ cortex-sized sites of 190 to 520 cells): about 14% of scFedVI's training time, a
 16 MB come from the heap and up to 64 MB of free heap is kept.
 
 The setting is process-wide and stays for the process's life (glibc has no way back to its
-adaptive default): the first local update in a process applies it. It is skipped where the
-C library is not glibc, where the user set ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_TOP_PAD_`` (their settings win), and where
-``SCFEDVI_TUNE_MALLOC=0``. It changes no number computed, only where memory comes from.
+adaptive default), so the library does not apply it behind a caller's back: the ``scfedvi``
+commands that train or embed (``train``, ``embed``, ``demo``) and every Flower site process
+(a fresh one per message) call :func:`tune_malloc` first; Python users call
+``scfedvi.tune_malloc()`` themselves. ``scfedvi benchmark`` leaves glibc's defaults, under which
+its published figures were measured. It is skipped where the C library is not glibc, where
+the user set ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_TOP_PAD_``
+(their settings win), and where ``SCFEDVI_TUNE_MALLOC=0``. It changes no number computed,
+only where memory comes from.
+
+A process that has already freed large blocks (a long session that loaded and dropped big
+arrays) may have raised glibc's adaptive thresholds by itself and gains little.
 """
 
 from __future__ import annotations

@@ -118,16 +118,7 @@ def source_hash(*parts: str) -> str:
 
 
 #: The code a federated run depends on (model, training, aggregation, data handling).
-CORE_CODE = (
-    "module",
-    "train",
-    "federation",
-    "data",
-    "model.py",
-    "config.py",
-    "_constants.py",
-    "_malloc.py",
-)
+CORE_CODE = ("module", "train", "federation", "data", "model.py", "config.py", "_constants.py")
 
 #: The code a baseline (scvi-tools, Harmony, PCA) runs through.
 BASELINE_CODE = ("benchmark/baselines.py",)

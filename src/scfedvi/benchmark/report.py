@@ -48,12 +48,10 @@ def versions() -> dict[str, str]:
     """Python, the versions of :data:`VERSIONS`, the hash of scfedvi's core code and its commit."""
     import subprocess
 
-    from scfedvi._malloc import describe
     from scfedvi.benchmark.methods import CORE_CODE, source_hash
 
     v = {"python": platform.python_version(), **{d: tool_version(d) for d in VERSIONS}}
     v["scfedvi core code (sha256)"] = source_hash(*CORE_CODE)
-    v["malloc (every method)"] = describe()
     try:
         root = Path(__file__).resolve().parents[3]
         r = subprocess.run(

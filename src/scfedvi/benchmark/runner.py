@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scfedvi._malloc import tune_malloc
 from scfedvi._threads import torch_threads_kept
 from scfedvi.benchmark.cache import ResultCache
 from scfedvi.benchmark.evaluate import evaluate
@@ -133,10 +132,7 @@ def _compute(job: Job, cache: ResultCache, out: dict[str, Any]) -> dict[str, Any
 def _init_worker(threads: int) -> None:
     import torch
 
-    from scfedvi._malloc import tune_malloc
-
     torch.set_num_threads(threads)
-    tune_malloc()  # before any job: every method is timed under the same allocator
 
 
 #: What caps the thread pools of the libraries a job loads: OpenMP and BLAS (read when numpy
@@ -193,7 +189,6 @@ def run_benchmark(
         Progress messages (default: standard error).
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    tune_malloc()  # jobs=1 runs here: every method under the same allocator as scFedVI
     t0 = time.perf_counter()
     root = Path(out) / "cache"
     cache = ResultCache(root)

@@ -117,12 +117,14 @@ def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
 
     import torch
 
+    from scfedvi._malloc import tune_malloc
     from scfedvi.federation.site import SiteWorker
     from scfedvi.train.local import SiteTensors
 
     # as the `scfedvi` command: one thread unless the site says otherwise (SCFEDVI_THREADS);
     # the same thread count as the in-process runtime gives the same floating-point sums
     torch.set_num_threads(max(1, int(os.environ.get("SCFEDVI_THREADS", "1"))))
+    tune_malloc()  # a fresh process per message: glibc's defaults would fault each step in
 
     c = msg.content.config_records[m.CONFIG]
     sch = node.load_schema(str(c[SCHEMA_HASH]))

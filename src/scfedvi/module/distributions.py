@@ -139,12 +139,11 @@ class _ZINBCells(torch.autograd.Function):
         t = mu + theta_eps
         log_t = torch.log(t)
         d = torch.log(theta_eps) - log_t
-        neg_pi = -pi
-        ptl = torch.addcmul(neg_pi, theta, d)
+        ptl = torch.addcmul(-pi, theta, d)
         neg_ptl = -ptl
         mu_eps = mu + eps
         ll = torch.addcmul(ptl, x, torch.log(mu_eps).sub_(log_t))
-        ll.addcmul_(zero, F.softplus(neg_ptl)).sub_(F.softplus(neg_pi))
+        ll.addcmul_(zero, F.softplus(neg_ptl)).sub_(F.softplus(-pi))
         theta_nz = theta.index_select(0, cols)
         vt = vals + theta_nz
         lg = torch.lgamma(vt).sub_(torch.lgamma(theta).index_select(0, cols))
@@ -155,7 +154,7 @@ class _ZINBCells(torch.autograd.Function):
             # w = d ll / d ptl: 1 where x > 0, sigmoid(ptl) where x = 0
             w = torch.sigmoid(neg_ptl).mul_(zero).neg_().add_(1.0)
             inv_t = torch.reciprocal(t)
-            g_pi = torch.sigmoid(neg_pi).sub_(w)
+            g_pi = torch.sigmoid(-pi).sub_(w)
             w_inv_t = w * inv_t
             g_mu = torch.reciprocal(mu_eps).sub_(inv_t).mul_(x).sub_(w_inv_t * theta)
             g_theta = (w * d).addcmul_(w.div_(theta_eps).sub_(w_inv_t), theta)

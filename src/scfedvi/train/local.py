@@ -14,7 +14,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scfedvi._malloc import tune_malloc
 from scfedvi.config import ModelConfig, TrainConfig
 from scfedvi.module.distributions import NonzeroCounts
 from scfedvi.module.vae import VAE, norm_stat_keys
@@ -210,7 +209,6 @@ def local_update(
         Seed of the site's split into training and held-out cells (``cfg.train_size``): the
         federation's seed, the same every round.
     """
-    tune_malloc()  # once per process: a step's freed tensors stay in the heap
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
