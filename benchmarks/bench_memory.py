@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run the child with a proposed fix (a fixed glibc mmap threshold) and compare",
     )
+    p.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="the child first calls scfedvi.tune_malloc(), as the scfedvi commands and the "
+        "Flower site processes do",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-prototype", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -123,6 +129,11 @@ def install_prototypes() -> None:
 def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.child_prototype:
         install_prototypes()
+    tuned = None
+    if args.tune_malloc:
+        from scfedvi._malloc import tune_malloc
+
+        tuned = tune_malloc()
     stages = Stages()
     import anndata as ad
     import numpy as np
@@ -186,6 +197,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "steps": result.metrics["steps"],
         "loss": result.metrics["loss"],
         "torch_threads": torch.get_num_threads(),
+        "malloc_tuned": tuned,
+        "epoch_seconds": next(r["seconds"] for r in stages.rows if "epoch" in r["stage"]),
     }
 
 

@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 #: Blocks below this come from the heap (glibc's adaptive default starts at 128 KiB).
-MMAP_THRESHOLD = 16 << 20
+MMAP_THRESHOLD = 4 << 20
 #: Free heap kept before it is returned to the kernel.
-TRIM_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 32 << 20
 #: Environment variable that turns the tuning off (``0``, ``false``, ``no``, ``off``).
 ENV = "SCFEDVI_TUNE_MALLOC"
 #: The user's own glibc settings, which are left alone.
