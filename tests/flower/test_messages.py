@@ -121,3 +121,79 @@ def test_describe_reports_shapes_and_types_not_values():
     assert d["metrics"]["items"]["num-examples"] == {"type": "int"}
     assert d["config"]["items"]["genes"] == {"type": "list[str]", "len": 2}
     assert "lab-a" not in str(d)
+
+
+def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monkeypatch):
+    """The first balancing message of a pass embeds the site's cells and keeps the embedding
+    in the site's state folder; the next ones (same parameters and steps) read it back
+    without the model or the data, and reply exactly as a fresh embedding would; new
+    parameters, new steps or a changed data file embed again."""
+    import os
+    import shutil
+    from types import SimpleNamespace
+
+    import anndata as ad
+    from flower_sites import N_TOP, run_config
+
+    from scfedvi.data.harmonize import harmonize
+    from scfedvi.federation.balance import CENTROIDS, SUMS, BalanceStep, steps_to_arrays
+    from scfedvi.flower import client_app
+    from scfedvi.train.local import build_module
+    from scfedvi.train.params import get_state
+
+    sites = {s: ad.read_h5ad(p) for s, p in sorted(site_files.paths.items())}
+    schema = harmonize(sites, batch_key="batch", n_top_genes=N_TOP)
+    data = tmp_path / "site-a.h5ad"
+    shutil.copy(site_files.paths["site-a"], data)
+    node = NodeSettings("site-a", data, tmp_path / "state")
+    node.save_schema(schema)
+    cfg = run_config()
+    params = get_state(build_module(schema.n_genes, schema.n_batches, cfg.model))
+    computed: list[str] = []
+    worker = client_app._worker
+
+    def counting_worker(*args):
+        computed.append("embedded")
+        return worker(*args)
+
+    monkeypatch.setattr(client_app, "_worker", counting_worker)
+
+    def ask(phase, params, steps=(), centroids=None):
+        content = {
+            m.ARRAYS: m.params_to_record(params),
+            m.CONFIG: m.round_config(
+                schema.hash, 1, **{m.PHASE: phase, m.N_CLUSTERS: 3, m.SEED: 7}
+            ),
+        }
+        if steps:
+            content[m.STEPS] = m.params_to_record(steps_to_arrays(list(steps)))
+        if centroids is not None:
+            content[m.CENTROIDS] = m.params_to_record({m.CENTROIDS: centroids})
+        msg = SimpleNamespace(content=RecordDict(content))  # what the handler reads of a Message
+        reply = client_app.balance.__wrapped__(msg, node, cfg, AppSettings())
+        return m.record_to_params(reply.array_records[m.CLUSTERS])
+
+    first = ask(CENTROIDS, params)
+    assert computed == ["embedded"] and node.balance_cache_path.exists()
+    centroids = first["values"][:3]
+    sums = ask(SUMS, params, centroids=centroids)
+    again = ask(SUMS, params, centroids=centroids)
+    assert computed == ["embedded"]  # read back twice
+    node.balance_cache_path.unlink()
+    fresh = ask(SUMS, params, centroids=centroids)
+    assert computed == ["embedded"] * 2
+    for got in (sums, again):
+        for k in ("values", "counts"):
+            np.testing.assert_array_equal(got[k], fresh[k])
+    step = BalanceStep(centroids.astype(np.float64), np.full(3, 1 / 3))
+    ask(SUMS, params, steps=[step], centroids=centroids)  # new steps
+    other = {k: v + 0.01 if v.dtype.kind == "f" else v for k, v in params.items()}
+    ask(SUMS, other, steps=[step], centroids=centroids)  # new parameters
+    assert computed == ["embedded"] * 4
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the file changed
+    ask(SUMS, other, steps=[step], centroids=centroids)
+    assert computed == ["embedded"] * 5
+    node.balance_cache_path.write_bytes(b"not an npz")  # unreadable: embedded again
+    ask(SUMS, other, steps=[step], centroids=centroids)
+    assert computed == ["embedded"] * 6

@@ -185,13 +185,34 @@ def _steps(msg: Message) -> list:
 @app.query("balance")
 @site_handler
 def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
-    """Balancing: embed with the steps so far; send cluster centroids or sums, and counts."""
-    from scfedvi.federation.balance import CENTROIDS, cluster_sums, local_centroids
+    """Balancing: embed with the steps so far; send cluster centroids or sums, and counts.
+
+    The embedding is the same in every message of a pass (same parameters, same steps): the
+    first computes it and keeps it in the site's state folder, keyed by everything it depends
+    on; the next ones read it back without importing torch or reading the data.
+    """
+    from scfedvi.federation.balance import (
+        CENTROIDS,
+        cluster_sums,
+        local_centroids,
+        steps_from_arrays,
+    )
     from scfedvi.federation.payload import check_balance_reply
 
-    worker, _, _, sch = _worker(msg, node, cfg)
     c = msg.content.config_records[m.CONFIG]
-    z = worker.embed(m.record_to_params(msg.content.array_records[m.ARRAYS]), _steps(msg))
+    arrays = {
+        name: m.record_to_params(msg.content.array_records[name])
+        for name in (m.ARRAYS, m.STEPS)
+        if name in msg.content.array_records
+    }
+    key = node.embedding_key(str(c[SCHEMA_HASH]), cfg.to_dict(), arrays)
+    z = node.load_embedding(key)
+    if z is None:
+        worker, _, _, sch = _worker(msg, node, cfg)
+        z = worker.embed(arrays[m.ARRAYS], steps_from_arrays(arrays.get(m.STEPS, {})))
+        node.save_embedding(key, z)
+    else:
+        sch = node.load_schema(str(c[SCHEMA_HASH]))
     phase, k = str(c[m.PHASE]), int(c[m.N_CLUSTERS])  # type: ignore[arg-type]
     if phase == CENTROIDS:
         values, counts = local_centroids(z, k, int(c[m.SEED]))  # type: ignore[arg-type]
@@ -219,5 +240,6 @@ def embed(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
     tmp = node.embedded_path.with_suffix(".tmp.h5ad")
     adata.write_h5ad(tmp)
     tmp.replace(node.embedded_path)
+    node.balance_cache_path.unlink(missing_ok=True)  # the balancing's embedding is done with
     c = {m.SITE: node.site, SCHEMA_HASH: sch.hash, m.N_EMBEDDED: int(z.shape[0])}
     return RecordDict({m.CONFIG: _config(**c)})

@@ -26,6 +26,7 @@ from scfedvi.data.errors import SchemaMismatchError, SiteDataError
 from scfedvi.flower.settings import AppSettings
 
 if TYPE_CHECKING:
+    import numpy as np
     from anndata import AnnData
 
     from scfedvi.data.schema import FederationSchema, SiteData
@@ -161,6 +162,54 @@ class NodeSettings:
                 "the same schema, or point the site at the right state-dir"
             )
         return schema
+
+    # -- the balancing step's embedding, kept between its messages ---------------------------
+    @property
+    def balance_cache_path(self) -> Path:
+        return self.state_dir / f"{self.site}.balance-embedding.npz"
+
+    def embedding_key(self, schema_hash: str, config: Mapping[str, Any], arrays: Any) -> str:
+        """sha256 of everything a balancing embedding depends on: the schema, the run
+        configuration, the site's data file (path, size, modification time), its batch column
+        and layer, and the message's arrays (``{record: {name: array}}``: the global parameters
+        and the balancing steps so far)."""
+        import hashlib
+        import json
+
+        import numpy as np
+
+        st = self.data_path.stat()
+        head = [schema_hash, self.site, str(self.data_path), st.st_size, st.st_mtime_ns]
+        head += [self.batch_key, self.layer, json.dumps(config, sort_keys=True, default=str)]
+        h = hashlib.sha256(json.dumps(head).encode())
+        for record in sorted(arrays):
+            for name in sorted(arrays[record]):
+                a = np.ascontiguousarray(arrays[record][name])
+                h.update(f"{record}/{name}/{a.dtype.str}/{a.shape}".encode())
+                h.update(a.tobytes())
+        return h.hexdigest()
+
+    def load_embedding(self, key: str) -> np.ndarray | None:
+        """The cached embedding if it was computed for ``key``, else ``None``."""
+        import numpy as np
+
+        try:
+            with np.load(self.balance_cache_path, allow_pickle=False) as f:
+                if str(f["key"]) == key:
+                    return np.array(f["z"])
+        except (OSError, KeyError, ValueError, EOFError):  # missing or unreadable: recompute
+            pass
+        return None
+
+    def save_embedding(self, key: str, z: np.ndarray) -> None:
+        """Keep one embedding (the latest) in the site's private state folder."""
+        import numpy as np
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.balance_cache_path.with_name(self.balance_cache_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), z=z)
+        tmp.replace(self.balance_cache_path)
 
     def prune_states(self, keep_from: int) -> None:
         """Delete round states older than ``keep_from`` (a restarted round reloads its own)."""
