@@ -135,6 +135,7 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
     import anndata as ad
     from flower_sites import N_TOP, run_config
 
+    from scfedvi.data.errors import SiteDataError
     from scfedvi.data.harmonize import harmonize
     from scfedvi.federation.balance import CENTROIDS, SUMS, BalanceStep, steps_to_arrays
     from scfedvi.flower import client_app
@@ -197,3 +198,6 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
     node.balance_cache_path.write_bytes(b"not an npz")  # unreadable: embedded again
     ask(SUMS, other, steps=[step], centroids=centroids)
     assert computed == ["embedded"] * 6
+    data.unlink()  # the site's file is gone: the usual clear error, not a cache hit
+    with pytest.raises(SiteDataError, match="site-a"):
+        ask(SUMS, other, steps=[step], centroids=centroids)

@@ -210,7 +210,8 @@ def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
     if z is None:
         worker, _, _, sch = _worker(msg, node, cfg)
         z = worker.embed(arrays[m.ARRAYS], steps_from_arrays(arrays.get(m.STEPS, {})))
-        node.save_embedding(key, z)
+        if key is not None:
+            node.save_embedding(key, z)
     else:
         sch = node.load_schema(str(c[SCHEMA_HASH]))
     phase, k = str(c[m.PHASE]), int(c[m.N_CLUSTERS])  # type: ignore[arg-type]

@@ -168,17 +168,23 @@ class NodeSettings:
     def balance_cache_path(self) -> Path:
         return self.state_dir / f"{self.site}.balance-embedding.npz"
 
-    def embedding_key(self, schema_hash: str, config: Mapping[str, Any], arrays: Any) -> str:
+    def embedding_key(
+        self, schema_hash: str, config: Mapping[str, Any], arrays: Any
+    ) -> str | None:
         """sha256 of everything a balancing embedding depends on: the schema, the run
         configuration, the site's data file (path, size, modification time), its batch column
         and layer, and the message's arrays (``{record: {name: array}}``: the global parameters
-        and the balancing steps so far)."""
+        and the balancing steps so far). ``None`` if the data file cannot be read (the caller
+        then reads it as usual, and gets the usual error)."""
         import hashlib
         import json
 
         import numpy as np
 
-        st = self.data_path.stat()
+        try:
+            st = self.data_path.stat()
+        except OSError:
+            return None
         head = [schema_hash, self.site, str(self.data_path), st.st_size, st.st_mtime_ns]
         head += [self.batch_key, self.layer, json.dumps(config, sort_keys=True, default=str)]
         h = hashlib.sha256(json.dumps(head).encode())
@@ -189,9 +195,12 @@ class NodeSettings:
                 h.update(a.tobytes())
         return h.hexdigest()
 
-    def load_embedding(self, key: str) -> np.ndarray | None:
+    def load_embedding(self, key: str | None) -> np.ndarray | None:
         """The cached embedding if it was computed for ``key``, else ``None``."""
         import numpy as np
+
+        if key is None:
+            return None
 
         try:
             with np.load(self.balance_cache_path, allow_pickle=False) as f:
