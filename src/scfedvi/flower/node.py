@@ -168,9 +168,7 @@ class NodeSettings:
     def balance_cache_path(self) -> Path:
         return self.state_dir / f"{self.site}.balance-embedding.npz"
 
-    def embedding_key(
-        self, schema_hash: str, config: Mapping[str, Any], arrays: Any
-    ) -> str | None:
+    def embedding_key(self, schema_hash: str, config: Mapping[str, Any], arrays: Any) -> str | None:
         """sha256 of everything a balancing embedding depends on: the schema, the run
         configuration, the site's data file (path, size, modification time), its batch column
         and layer, and the message's arrays (``{record: {name: array}}``: the global parameters
