@@ -58,16 +58,6 @@ def tune_malloc() -> bool:
     return _applied
 
 
-def describe() -> str:
-    """This process's malloc setting in words (for reports); applies :func:`tune_malloc`."""
-    if tune_malloc():
-        return (
-            f"glibc, mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
-            f"{TRIM_THRESHOLD >> 20} MiB (scfedvi._malloc)"
-        )
-    return "not tuned (glibc's own or the user's settings, or not glibc)"
-
-
 def _tune() -> bool:
     if os.environ.get(ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
         return False
