@@ -121,9 +121,9 @@ def install_prototypes() -> None:
     the first such free, and freed 8 MiB minibatch buffers then stay in the heap)."""
     import ctypes
 
-    libc = ctypes.CDLL("libc.so.6")
-    m_mmap_threshold = -3
-    assert libc.mallopt(m_mmap_threshold, 1 << 20) == 1
+    from scfedvi._malloc import M_MMAP_THRESHOLD
+
+    assert ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:

@@ -199,7 +199,6 @@ class NodeSettings:
 
         if key is None:
             return None
-
         try:
             with np.load(self.balance_cache_path, allow_pickle=False) as f:
                 if str(f["key"]) == key:
