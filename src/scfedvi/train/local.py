@@ -1,7 +1,9 @@
 """Local training at one site: a lean loop over the site's own cells.
 
 Counts stay sparse in memory; each minibatch is densified on the fly. The optimizer is Adam with
-scvi-tools' settings; the KL warm-up follows the federation's global epoch count.
+scvi-tools' settings; the KL warm-up follows the federation's global epoch count. Training and
+embedding run their float32 products through oneDNN where that keeps them float32
+(:mod:`scfedvi.train.matmul`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from scfedvi.config import ModelConfig, TrainConfig
 from scfedvi.module.distributions import NonzeroCounts
 from scfedvi.module.vae import VAE, norm_stat_keys
+from scfedvi.train.matmul import onednn_matmul
 from scfedvi.train.optim import Adam
 from scfedvi.train.params import Params, get_state, set_state, shared_keys
 
@@ -173,6 +176,7 @@ def make_optimizer(module: VAE, cfg: TrainConfig) -> Adam:
     return Adam(module.named_parameters(), lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+@onednn_matmul()
 def local_update(
     module: VAE,
     global_params: Mapping[str, np.ndarray],
@@ -345,6 +349,7 @@ def _scaffold_update(named, global_params, new_params, global_control, client_co
     return new_c, delta
 
 
+@onednn_matmul()
 @torch.no_grad()
 def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024) -> Params:
     """Recompute BatchNorm statistics on a site's cells with the current weights.
@@ -375,6 +380,7 @@ def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024)
     return {k: state[k] for k in norm_stat_keys(module)}
 
 
+@onednn_matmul()
 @torch.no_grad()
 def embed(module: VAE, data: SiteTensors, batch_size: int = 1024) -> np.ndarray:
     """Posterior means of the site's cells (eval mode: running statistics, no dropout)."""
