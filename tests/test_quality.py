@@ -85,8 +85,8 @@ def _unbalanced(model: ScFedVI) -> np.ndarray:
 def test_balanced_statistics_keep_mixing_and_do_not_worsen_cell_types_in_the_trap():
     """Composition-balanced site statistics (the default) against each site's own, on the
     trap's sites and the same trained model: the sites stay mixed (unlike plain FedAvg) and
-    cell types are not moved further onto each other. (Measured at e81434b: own statistics
-    1.77 / 1.56, balanced 1.66 / 1.47, plain FedAvg 1.00 / 1.08: this strong a trap is only
+    cell types are not moved further onto each other. (Measured at 4c09503: own statistics
+    1.76 / 1.55, balanced 1.69 / 1.53, plain FedAvg 1.00 / 1.08: this strong a trap is only
     partly undone, since the clusters it balances on are found in the already merged space;
     on cortex it is, see the README.)"""
     model = _model(4.0)
