@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/lock.txt pyproject.toml | s
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test test-fast lint docs flwr-config bench install clean
 
 install: $(STAMP)
 
@@ -27,10 +27,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The inner loop: everything but the slow tests and those that start Flower processes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not flower" $(PYTEST_ARGS)
+
+# The documentation site; warnings are errors. Notebooks are not executed here (tests do).
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+# [tool.flwr.app.config] of pyproject.toml, regenerated from RunConfig's defaults.
+flwr-config: $(STAMP)
+	$(PY) -m scfedvi.flower.settings --write pyproject.toml
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache docs/_build
