@@ -17,13 +17,20 @@ _LAZY = {
     "TrainConfig": "scfedvi.config",
     "FederationConfig": "scfedvi.config",
     "PrivacyConfig": "scfedvi.config",
+    "SitePolicy": "scfedvi.config",
     "FederationSchema": "scfedvi.data.schema",
     "tune_malloc": "scfedvi._malloc",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from scfedvi._malloc import tune_malloc  # noqa: F401
-    from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, TrainConfig  # noqa: F401
+    from scfedvi.config import (  # noqa: F401
+        FederationConfig,
+        ModelConfig,
+        PrivacyConfig,
+        SitePolicy,
+        TrainConfig,
+    )
     from scfedvi.data.schema import FederationSchema  # noqa: F401
     from scfedvi.model import ScFedVI  # noqa: F401
 

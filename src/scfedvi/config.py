@@ -220,6 +220,134 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SitePolicy:
+    """What a site agrees to answer: set by the site, never by the coordinator.
+
+    Every query that shapes what a reply reveals is checked against this policy at the site
+    (:mod:`scfedvi.privacy.policy`), in process and on Flower alike; a query outside it is
+    refused with a :class:`~scfedvi.privacy.policy.PolicyRefusal` naming the setting, the bound
+    and the fix. The defaults refuse the extraction attacks of the threat model
+    (``docs/privacy.md``) and accept every configuration of the tests, ``scfedvi demo`` and the
+    paper benchmark.
+
+    Parameters
+    ----------
+    min_train_cells
+        Fewest training cells a site trains on (after ``train_size``). Default 50: one
+        training cell let a single reply give back that cell's counts; 50 keeps every update an
+        aggregate over many cells and accepts the smallest test site (54 training cells).
+    min_batch_size
+        Smallest minibatch size (``TrainConfig.batch_size``) a site trains with. Default 16:
+        a minibatch of one cell exposes that cell's gradient; 16 is the benchmark's quick
+        schedule.
+    lr_range
+        Closed range of the Adam learning rate. Default ``(1e-5, 1e-2)``: scvi-tools uses 1e-3;
+        the attack used a huge step so that one step moved the parameters by the cell's counts.
+    eps_range
+        Closed range of Adam's ``eps``. Default ``(1e-8, 0.1)``: scvi-tools uses 0.01; a huge
+        ``eps`` makes the update linear in the gradient (the attack's second knob).
+    weight_decay_range
+        Closed range of the weight decay. Default ``(0.0, 0.01)`` (scvi-tools: 1e-6); a sanity
+        bound, not a defence by itself (the coordinator knows the parameters it sent).
+    max_local_epochs
+        Most passes over the training cells per round. Default 100 (the schedule uses 20).
+    max_local_steps
+        Most minibatch steps per round when ``local_steps`` is set. Default 10,000.
+    max_rounds
+        Most training rounds (messages) a site answers in one run, and the largest
+        ``n_rounds`` it accepts. Default 1,000 (the paper uses 20); each round is a query.
+    allowed_likelihoods
+        Likelihoods a site trains. Default all three (``"zinb"``, ``"nb"``, ``"poisson"``):
+        the likelihood does not decide what an update reveals.
+    allowed_encoder_norms
+        Encoder normalizations a site trains. Default ``("batch", "layer")``: the attack used
+        ``"none"``, with which a crafted first layer passes a cell's counts straight into the
+        gradient; BatchNorm mixes the cells of a minibatch.
+    allowed_label_keys
+        ``obs`` columns whose categories the site reports in the setup summary. Default
+        ``()``: none besides the site's own label key (its node config's ``label-key`` or the
+        ``label_key`` given to ``ScFedVI``), allowed implicitly (:meth:`allowing_label_key`);
+        ``label_key='donor_id'`` returned one identifier per cell.
+    min_batch_cells
+        A batch with fewer cells at the site is never summarised (its count is sent, its
+        per-gene statistics are not). Default 10: the summary of a 2-cell batch gives both
+        cells' values.
+    summary_passes
+        Setup summary passes a site answers per run (one pass: one query with moments, and for
+        batches it shares one with the pooled clip values). Default 1: repeated queries with
+        chosen clip values gave every cell of a 3-cell batch.
+    min_cluster_cells
+        Fewest cells in a latent cluster whose sums a site sends when balancing. Default 10.
+    max_balance_passes
+        Most balancing passes a site answers per run. Default 3 (the runs use 2).
+    max_balance_rounds
+        Most cluster-sum queries a site answers per balancing pass. Default 10 (the runs use
+        at most 10).
+    """
+
+    min_train_cells: int = 50
+    min_batch_size: int = 16
+    lr_range: tuple[float, float] = (1e-5, 1e-2)
+    eps_range: tuple[float, float] = (1e-8, 0.1)
+    weight_decay_range: tuple[float, float] = (0.0, 0.01)
+    max_local_epochs: int = 100
+    max_local_steps: int = 10_000
+    max_rounds: int = 1000
+    allowed_likelihoods: tuple[str, ...] = ("zinb", "nb", "poisson")
+    allowed_encoder_norms: tuple[str, ...] = ("batch", "layer")
+    allowed_label_keys: tuple[str, ...] = ()
+    min_batch_cells: int = 10
+    summary_passes: int = 1
+    min_cluster_cells: int = 10
+    max_balance_passes: int = 3
+    max_balance_rounds: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("lr_range", "eps_range", "weight_decay_range"):
+            lo, hi = (float(x) for x in getattr(self, name))
+            if not 0.0 <= lo <= hi:
+                raise ValueError(f"SitePolicy.{name} must be (low, high) with 0 <= low <= high")
+            object.__setattr__(self, name, (lo, hi))
+        for name in (
+            "min_train_cells",
+            "min_batch_size",
+            "max_local_epochs",
+            "max_local_steps",
+            "max_rounds",
+            "min_batch_cells",
+            "summary_passes",
+            "min_cluster_cells",
+            "max_balance_passes",
+            "max_balance_rounds",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SitePolicy.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_batch_size < 2:
+            raise ValueError(f"SitePolicy.min_batch_size must be >= 2, got {self.min_batch_size}")
+        if self.min_batch_cells < 2:
+            raise ValueError(f"SitePolicy.min_batch_cells must be >= 2, got {self.min_batch_cells}")
+        for name, choices in (
+            ("allowed_likelihoods", ("zinb", "nb", "poisson")),
+            ("allowed_encoder_norms", ("batch", "layer", "none")),
+        ):
+            values = tuple(str(v) for v in getattr(self, name))
+            for v in values:
+                _check_choice(f"SitePolicy.{name}", v, choices)
+            object.__setattr__(self, name, values)
+        object.__setattr__(
+            self, "allowed_label_keys", tuple(str(k) for k in self.allowed_label_keys)
+        )
+
+    def allowing_label_key(self, label_key: str | None) -> SitePolicy:
+        """This policy with the site's own ``label_key`` allowed too (``None``: unchanged)."""
+        if not label_key or label_key in self.allowed_label_keys:
+            return self
+        return dataclasses.replace(
+            self, allowed_label_keys=(*self.allowed_label_keys, str(label_key))
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a federated run."""
 
