@@ -128,8 +128,14 @@ def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
 
     c = msg.content.config_records[m.CONFIG]
     sch = node.load_schema(str(c[SCHEMA_HASH]))
-    adata, sd = node.project(sch, cfg.train.batch_size)
+    # the projected counts of the setup round, mapped from the site's data cache (rebuilt
+    # from data-path if the file, the schema or the settings changed); not a dense copy
+    sd, log_factorial = node.site_data(sch, cfg.train.batch_size)
     tensors = SiteTensors(sd.X, sd.batch_index)
+    tensors._log_factorial = log_factorial  # computed once, at the setup round
+    # only the final embedding writes the site's whole AnnData back (with the latent space)
+    embedding = getattr(getattr(msg, "metadata", None), "message_type", "") == m.EMBED
+    adata = node.read(sch.batch_key) if embedding else None
     return SiteWorker(node.site, tensors, sch.n_genes, sch.n_batches, cfg), adata, sd, sch
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from scfedvi.data.schema import FederationSchema, SiteData
+    from scfedvi.flower.data_cache import DataCache
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,7 @@ class NodeSettings:
         """The site's AnnData, with its batch column under the federation's ``batch_key``."""
         import anndata as ad
 
-        if not self.data_path.exists():
-            raise SiteDataError(
-                f"site {self.site!r}: data-path {self.data_path} does not exist; fix the "
-                "SuperNode's --node-config data-path"
-            )
+        self._require_data()
         adata = ad.read_h5ad(self.data_path)
         if self.batch_key and self.batch_key != batch_key:
             if self.batch_key not in adata.obs:
@@ -126,9 +123,14 @@ class NodeSettings:
         return self.layer or run_layer or None
 
     def project(self, schema: FederationSchema, batch_size: int) -> tuple[AnnData, SiteData]:
-        """Read the data and project it onto ``schema`` (validates it)."""
+        """Read the data, project it onto ``schema`` (validates it) and keep the result in the
+        site's data cache (:mod:`scfedvi.flower.data_cache`) for the messages that follow.
+
+        Raises a :class:`SiteDataError` naming ``state-dir`` if the cache cannot be written.
+        """
         from scfedvi.data.schema import project
 
+        cache = self._cache(schema, batch_size)  # the file's identity before it is read
         adata = self.read(schema.batch_key)
         sd = project(
             adata,
@@ -137,7 +139,71 @@ class NodeSettings:
             layer=self.layer_or(schema.layer),
             batch_size=batch_size,
         )
+        self._write_cache(cache, sd)
         return adata, sd
+
+    def _require_data(self) -> None:
+        if not self.data_path.exists():
+            raise SiteDataError(
+                f"site {self.site!r}: data-path {self.data_path} does not exist; fix the "
+                "SuperNode's --node-config data-path"
+            )
+
+    def site_data(self, schema: FederationSchema, batch_size: int) -> tuple[SiteData, np.ndarray]:
+        """The projected data and each cell's log-factorial sum, mapped from the site's data
+        cache; a missing, stale or corrupt cache is rebuilt from ``data-path`` (logged)."""
+        cache = self._cache(schema, batch_size)
+        hit = cache.load()
+        if hit is not None:
+            return hit.data, hit.log_factorial
+        from scfedvi.data.schema import project
+
+        sd = project(
+            self.read(schema.batch_key),
+            schema,
+            site=self.site,
+            layer=self.layer_or(schema.layer),
+            batch_size=batch_size,
+        )
+        return sd, self._write_cache(cache, sd)
+
+    def _cache(self, schema: FederationSchema, batch_size: int) -> DataCache:
+        from scfedvi.flower.data_cache import DataCache
+
+        self._require_data()
+        try:
+            return DataCache.for_site(
+                self.state_dir,
+                self.site,
+                self.data_path,
+                schema.hash,
+                layer=self.layer_or(schema.layer) or "",
+                batch_key=schema.batch_key,
+                site_batch_key=self.batch_key,
+                batch_size=int(batch_size),
+            )
+        except OSError as e:
+            raise SiteDataError(
+                f"site {self.site!r}: data-path {self.data_path} cannot be read ({e}); fix "
+                "the SuperNode's --node-config data-path"
+            ) from e
+
+    def _write_cache(self, cache: DataCache, sd: SiteData) -> np.ndarray:
+        """Write ``sd`` and its log-factorial sums (returned) into ``cache``."""
+        from scfedvi.train.local import SiteTensors
+
+        log_factorial = SiteTensors(sd.X, sd.batch_index).log_factorial
+        try:
+            cache.write(sd, log_factorial)
+        except OSError as e:
+            raise SiteDataError(
+                f"site {self.site!r}: cannot write the site's data cache in state-dir "
+                f"{self.state_dir} ({e}); set the SuperNode's --node-config state-dir to a "
+                "folder this site can write"
+            ) from e
+        cache.remove_others()
+        log.info("site %r: data cache written to %s", self.site, cache.directory)
+        return log_factorial
 
     # -- the schema the site agreed to -------------------------------------------------------
     def save_schema(self, schema: FederationSchema) -> None:

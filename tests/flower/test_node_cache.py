@@ -1,0 +1,238 @@
+"""A site's data cache between Flower messages (:mod:`scfedvi.flower.data_cache`), without
+Flower processes: reuse, rebuilds (changed file, schema, corruption), isolation, errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flower_sites import N_TOP, SiteFiles, run_config
+
+from scfedvi.data.errors import SiteDataError
+from scfedvi.data.harmonize import harmonize
+from scfedvi.data.schema import FederationSchema, project
+from scfedvi.flower.data_cache import DataCache
+from scfedvi.flower.node import NodeSettings
+from scfedvi.train.local import SiteTensors
+
+BATCH = run_config().train.batch_size
+
+
+@pytest.fixture(scope="module")
+def schema(site_files: SiteFiles) -> FederationSchema:
+    import anndata as ad
+
+    sites = {s: ad.read_h5ad(p) for s, p in sorted(site_files.paths.items())}
+    return harmonize(sites, batch_key="batch", n_top_genes=N_TOP)
+
+
+def _node(site_files: SiteFiles, tmp_path: Path, site: str = "site-a") -> NodeSettings:
+    data = tmp_path / f"{site}.h5ad"
+    shutil.copy(site_files.paths[site], data)
+    return NodeSettings(site, data, tmp_path / "state")
+
+
+class Reads:
+    """Counts the node's reads of its ``.h5ad``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        read = NodeSettings.read
+
+        def counting(node, batch_key):
+            self.n += 1
+            return read(node, batch_key)
+
+        monkeypatch.setattr(NodeSettings, "read", counting)
+
+
+def _mapped(a: np.ndarray) -> bool:
+    """Whether ``a`` is (a view of) a memory-mapped file."""
+    while a is not None:
+        if isinstance(a, np.memmap):
+            return True
+        a = a.base
+    return False
+
+
+def _fresh(node: NodeSettings, schema: FederationSchema):
+    import anndata as ad
+
+    sd = project(ad.read_h5ad(node.data_path), schema, site=node.site, batch_size=BATCH)
+    return sd, SiteTensors(sd.X, sd.batch_index).log_factorial
+
+
+def _same(got, want) -> None:
+    (sd, lf), (ref, ref_lf) = got, want
+    assert sd.X.shape == ref.X.shape
+    for part in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(sd.X, part), getattr(ref.X, part))
+    np.testing.assert_array_equal(sd.batch_index, ref.batch_index)
+    np.testing.assert_array_equal(np.asarray(sd.obs_names, dtype=str), ref.obs_names.astype(str))
+    np.testing.assert_array_equal(lf, ref_lf)
+    assert sd.missing_genes == ref.missing_genes
+
+
+def test_setup_round_writes_the_cache_and_later_messages_map_it(
+    site_files, schema, tmp_path, monkeypatch
+):
+    node = _node(site_files, tmp_path)
+    node.project(schema, BATCH)  # the schema round
+    reads = Reads(monkeypatch)
+    got = node.site_data(schema, BATCH)
+    assert reads.n == 0  # no .h5ad read
+    assert _mapped(got[0].X.data) and _mapped(got[0].X.indices) and _mapped(got[1])
+    assert not got[0].X.data.flags.writeable  # mapped read-only, not copied
+    _same(got, _fresh(node, schema))
+    tensors = SiteTensors(got[0].X, got[0].batch_index)
+    assert np.shares_memory(tensors.X.data, got[0].X.data)  # training uses the mapped arrays
+
+
+def test_changed_data_file_is_detected_and_rebuilt(site_files, schema, tmp_path, caplog):
+    node = _node(site_files, tmp_path)
+    node.project(schema, BATCH)
+    st = node.data_path.stat()
+    os.utime(node.data_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched
+    with caplog.at_level(logging.WARNING, "scfedvi.flower.data_cache"):
+        node.site_data(schema, BATCH)
+    assert "the data file changed" in caplog.text
+
+    # other counts in a file of the same size, with the modification time put back
+    import anndata as ad
+
+    a = ad.read_h5ad(node.data_path)
+    a.X.data = a.X.data[::-1].copy()
+    st = node.data_path.stat()
+    other = tmp_path / "other.h5ad"
+    a.write_h5ad(other)
+    assert other.stat().st_size == st.st_size  # only the content differs
+    other.replace(node.data_path)
+    os.utime(node.data_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "scfedvi.flower.data_cache"):
+        got = node.site_data(schema, BATCH)
+    assert "the data file changed" in caplog.text
+    _same(got, _fresh(node, schema))
+
+
+def test_another_schema_or_batch_size_rebuilds(site_files, schema, tmp_path, caplog, monkeypatch):
+    node = _node(site_files, tmp_path)
+    node.project(schema, BATCH)
+    first = DataCache.for_site(node.state_dir, node.site, node.data_path, schema.hash).directory
+    other = FederationSchema(
+        genes=schema.genes[:30], batches=schema.batches, batch_key=schema.batch_key
+    )
+    reads = Reads(monkeypatch)
+    with caplog.at_level(logging.WARNING, "scfedvi.flower.data_cache"):
+        got = node.site_data(other, BATCH)
+    assert reads.n == 1 and "made for another schema" in caplog.text
+    assert got[0].X.shape[1] == 30
+    assert not first.exists()  # a site keeps one cache
+    _same(node.site_data(other, BATCH), _fresh(node, other))
+    assert reads.n == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "scfedvi.flower.data_cache"):
+        node.site_data(other, BATCH // 2)
+    assert reads.n == 2 and "minibatch size changed" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest", "bad-manifest"])
+def test_corrupt_cache_is_rebuilt(site_files, schema, tmp_path, caplog, monkeypatch, damage):
+    node = _node(site_files, tmp_path)
+    node.project(schema, BATCH)
+    (cache,) = node.state_dir.glob("site-a.data-*")
+    data = cache / "data.npy"
+    if damage == "flip":
+        raw = bytearray(data.read_bytes())
+        raw[-5] ^= 0xFF  # one value, not the header
+        data.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        data.write_bytes(data.read_bytes()[:-64])
+    elif damage == "no-manifest":  # a writer that died before its last file
+        (cache / "manifest.json").unlink()
+    else:
+        (cache / "manifest.json").write_text("{not json")
+    reads = Reads(monkeypatch)
+    with caplog.at_level(logging.INFO, "scfedvi.flower.data_cache"):
+        got = node.site_data(schema, BATCH)
+    assert reads.n == 1 and caplog.records
+    _same(got, _fresh(node, schema))
+    node.site_data(schema, BATCH)
+    assert reads.n == 1  # whole again
+
+
+def test_cache_never_serves_another_site(site_files, schema, tmp_path, caplog, monkeypatch):
+    a = _node(site_files, tmp_path, "site-a")
+    b = _node(site_files, tmp_path, "site-b")  # the same state folder
+    a.project(schema, BATCH)
+    b.project(schema, BATCH)
+    (ca,) = a.state_dir.glob("site-a.data-*")
+    (cb,) = b.state_dir.glob("site-b.data-*")
+    shutil.rmtree(cb)
+    shutil.copytree(ca, cb)  # site-a's arrays under site-b's name
+    reads = Reads(monkeypatch)
+    with caplog.at_level(logging.WARNING, "scfedvi.flower.data_cache"):
+        got = b.site_data(schema, BATCH)
+    assert reads.n == 1 and "belongs to another site" in caplog.text
+    _same(got, _fresh(b, schema))
+    _same(a.site_data(schema, BATCH), _fresh(a, schema))
+    assert reads.n == 1
+
+
+def test_unwritable_state_dir_fails_the_schema_round_naming_state_dir(site_files, schema, tmp_path):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from scfedvi._constants import SCHEMA_HASH
+    from scfedvi.flower import client_app
+    from scfedvi.flower import messages as m
+    from scfedvi.flower.settings import AppSettings
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the state folder should be")
+    node = NodeSettings("site-a", site_files.paths["site-a"], blocker / "state")
+    content = {"schema": schema.to_json(), SCHEMA_HASH: schema.hash}
+    msg = SimpleNamespace(content=RecordDict({m.CONFIG: ConfigRecord(content)}))
+    with pytest.raises(SiteDataError, match=r"site 'site-a'.*state-dir.*--node-config state-dir"):
+        client_app.schema.__wrapped__(msg, node, run_config(), AppSettings())
+    if os.geteuid() != 0:  # root writes anywhere: the permission case needs a user
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        node = NodeSettings("site-a", site_files.paths["site-a"], locked)
+        with pytest.raises(SiteDataError, match="state-dir"):
+            client_app.schema.__wrapped__(msg, node, run_config(), AppSettings())
+
+
+def test_disappeared_data_file_is_a_clear_error(site_files, schema, tmp_path):
+    node = _node(site_files, tmp_path)
+    node.project(schema, BATCH)
+    node.data_path.unlink()  # the cache is whole, but the site's file is gone
+    with pytest.raises(SiteDataError, match=rf"site 'site-a'.*{node.data_path}.*data-path"):
+        node.site_data(schema, BATCH)
+
+
+def test_worker_maps_for_training_and_reads_the_anndata_only_to_embed(
+    site_files, schema, tmp_path, monkeypatch
+):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from scfedvi._constants import SCHEMA_HASH
+    from scfedvi.flower import client_app
+    from scfedvi.flower import messages as m
+
+    node = _node(site_files, tmp_path)
+    node.project(schema, BATCH)
+    node.save_schema(schema)
+    reads = Reads(monkeypatch)
+    content = RecordDict({m.CONFIG: ConfigRecord({SCHEMA_HASH: schema.hash})})
+    for kind, n_reads in ((m.TRAIN, 0), (m.BALANCE, 0), (m.EMBED, 1)):
+        msg = SimpleNamespace(content=content, metadata=SimpleNamespace(message_type=kind))
+        worker, adata, sd, _ = client_app._worker(msg, node, run_config())
+        assert reads.n == n_reads and (adata is None) == (kind != m.EMBED)
+        lf = _fresh(node, schema)[1]
+        np.testing.assert_array_equal(worker.data.log_factorial, lf)
+        assert np.shares_memory(worker.data.X.data, sd.X.data)
