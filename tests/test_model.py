@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -138,8 +140,11 @@ def test_a_second_train_call_continues_the_same_run(small_adata, monkeypatch):
 
     monkeypatch.setattr(SiteWorker, "fit", counted)
 
+    # one process: the fits are counted here (worker processes: tests/federation/test_parallel.py)
+    config = replace(FAST, federation=replace(FAST.federation, n_jobs=1))
+
     def model():
-        return ScFedVI.from_sites(small_adata, split_key="batch", batch_key="batch", config=FAST)
+        return ScFedVI.from_sites(small_adata, split_key="batch", batch_key="batch", config=config)
 
     whole = model()
     whole.train(n_rounds=4, progress=False)

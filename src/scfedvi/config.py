@@ -73,9 +73,11 @@ class TrainConfig:
     Parameters
     ----------
     local_epochs
-        Passes over the site's cells per round (ignored when ``local_steps`` is set).
+        Passes over the site's training cells per round (ignored when ``local_steps`` is
+        set). ``None`` (default): from the schedule that follows the data
+        (:mod:`scfedvi.federation.schedule`; 20 below 20,000 training cells).
     local_steps
-        Fixed number of minibatch steps per round instead of epochs.
+        Fixed number of minibatch steps per round at every site instead of epochs.
     n_epochs_kl_warmup
         KL warm-up length in *global* epochs (the federation's epoch count, not restarted
         each round).
@@ -91,26 +93,35 @@ class TrainConfig:
         held out, fixed for the whole run by the federation's seed, and the site reports its
         validation loss on them every round. An epoch is a pass over the training cells.
         ``1.0`` trains on every cell. Every cell is embedded either way.
+    accelerator
+        Where a site trains and embeds, as scvi-tools names it: ``"cpu"``, ``"gpu"`` (or
+        ``"cuda"``) or ``"auto"`` (CUDA when available, else the CPU).
+    device
+        With a GPU accelerator: ``"auto"`` (the current CUDA device) or a device index
+        (``"0"``, ``"1"``, ...).
     """
 
     batch_size: int = 128
     lr: float = 1e-3
     eps: float = 0.01
     weight_decay: float = 1e-6
-    local_epochs: int = 20
+    local_epochs: int | None = None
     local_steps: int | None = None
     n_epochs_kl_warmup: int = 400
     optimizer_state: Literal["reset", "keep"] = "keep"
     proximal_mu: float = 0.0
     scaffold: bool = False
     train_size: float = 0.9
+    accelerator: Literal["cpu", "gpu", "cuda", "auto"] = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_size <= 1.0:
             raise ValueError(f"TrainConfig.train_size must be in (0, 1], got {self.train_size}")
         if self.batch_size < 2:
             raise ValueError(f"TrainConfig.batch_size must be >= 2, got {self.batch_size}")
-        if self.local_epochs < 1:
+        _check_choice("accelerator", self.accelerator, ("cpu", "gpu", "cuda", "auto"))
+        if self.local_epochs is not None and self.local_epochs < 1:
             raise ValueError(f"TrainConfig.local_epochs must be >= 1, got {self.local_epochs}")
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"TrainConfig.local_steps must be >= 1, got {self.local_steps}")
@@ -127,6 +138,23 @@ class FederationConfig:
     ----------
     n_rounds
         Communication rounds.
+    max_epochs
+        Total epochs over the federation's training cells, split into ``n_rounds`` rounds.
+        ``None`` (default): scvi-tools' rule, ``min(400, round(20000 / n * 400))`` for ``n``
+        training cells (:mod:`scfedvi.federation.schedule`).
+    early_stopping
+        Stop when the validation loss (held-out cells, weighted by the sites' training cells)
+        has not improved by ``early_stopping_min_delta`` for ``early_stopping_patience``
+        rounds. Needs ``TrainConfig.train_size < 1``.
+    early_stopping_patience
+        Rounds without improvement before stopping (scvi-tools counts 45 epochs).
+    early_stopping_min_delta
+        The least decrease that counts as an improvement.
+    n_jobs
+        In-process runtime: worker processes training sites at the same time (each with one
+        torch thread and a fixed subset of the sites, same results as one after the other).
+        ``None`` (default): the free cores (``len(os.sched_getaffinity(0))``), at most one per
+        site; ``1``: one after the other in this process.
     norm_stats
         Whose statistics BatchNorm uses: ``"local"`` (each site trains and embeds with its own
         statistics; they never leave it), ``"global"`` (every site trains and embeds with the
@@ -155,10 +183,16 @@ class FederationConfig:
     balance_iterations
         Balancing passes (each clusters the previous pass's embedding).
     balance_rounds
-        Message rounds of federated k-means per pass (sites send per-cluster sums and counts).
+        Rounds of per-cluster sums and counts per pass, after the round in which each site
+        sends a few dozen local centroids with counts (default 1: two message rounds a pass).
     """
 
     n_rounds: int = 20
+    max_epochs: int | None = None
+    early_stopping: bool = False
+    early_stopping_patience: int = 5
+    early_stopping_min_delta: float = 0.0
+    n_jobs: int | None = None
     norm_stats: Literal["local", "global", "averaged"] = "local"
     batch_owned: bool = True
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
@@ -168,11 +202,30 @@ class FederationConfig:
     seed: int = 0
     balance_clusters: int = 8
     balance_iterations: int = 2
-    balance_rounds: int = 10
+    balance_rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.n_rounds < 1:
             raise ValueError(f"FederationConfig.n_rounds must be >= 1, got {self.n_rounds}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(
+                f"FederationConfig.max_epochs must be >= 1 (None: scvi-tools' rule), got "
+                f"{self.max_epochs}"
+            )
+        if self.early_stopping_patience < 1:
+            raise ValueError(
+                "FederationConfig.early_stopping_patience must be >= 1 round, got "
+                f"{self.early_stopping_patience}"
+            )
+        if self.n_jobs is not None and self.n_jobs < 1:
+            raise ValueError(
+                f"FederationConfig.n_jobs must be >= 1 (None: the free cores), got {self.n_jobs}"
+            )
+        if self.early_stopping_min_delta < 0:
+            raise ValueError(
+                "FederationConfig.early_stopping_min_delta must be >= 0, got "
+                f"{self.early_stopping_min_delta}"
+            )
         if self.balance_clusters < 0:
             raise ValueError(
                 f"FederationConfig.balance_clusters must be >= 0 (0: off), got {self.balance_clusters}"
@@ -188,25 +241,46 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Client-level differential privacy (clip each site's update, add Gaussian noise).
+    """Client-level differential privacy (DP-FedAvg; see docs/dp.md and
+    :mod:`scfedvi.privacy.dp`).
 
     Parameters
     ----------
     clip_norm
-        L2 bound on a site's update; ``None`` disables DP.
+        L2 bound ``C`` on a site's update; ``None`` disables DP.
     noise_multiplier
-        Standard deviation of the noise over ``clip_norm``.
+        ``sigma``: the noise on the sum of the clipped updates has standard deviation
+        ``sigma * C`` (``sigma * C / expected_sites`` on the average).
     delta
         The delta of the (epsilon, delta) guarantee the accountant reports.
+    expected_sites
+        The divisor ``n`` of the noisy sum, declared before the run and used whatever number
+        of sites answers a round. Required with DP.
+    clip_at
+        ``"server"`` (the server clips the raw updates it receives) or ``"site"`` (each site
+        clips its own update before sending; needed for secure aggregation).
+    adjacency
+        The neighbouring federations the guarantee is about: ``"add-remove"`` (one site's
+        data added or removed, sensitivity ``C``) or ``"replace-one"`` (one site's data
+        replaced, sensitivity ``2 C``: the same noise buys a larger epsilon).
     """
 
     clip_norm: float | None = None
     noise_multiplier: float = 0.0
     delta: float = 1e-5
+    expected_sites: int | None = None
+    clip_at: Literal["server", "site"] = "server"
+    adjacency: Literal["add-remove", "replace-one"] = "add-remove"
 
     def __post_init__(self) -> None:
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ValueError(f"PrivacyConfig.clip_norm must be > 0, got {self.clip_norm}")
+        _check_choice("clip_at", self.clip_at, ("server", "site"))
+        _check_choice("adjacency", self.adjacency, ("add-remove", "replace-one"))
+        if self.expected_sites is not None and self.expected_sites < 1:
+            raise ValueError(
+                f"PrivacyConfig.expected_sites must be >= 1, got {self.expected_sites}"
+            )
         if self.noise_multiplier < 0:
             raise ValueError(
                 f"PrivacyConfig.noise_multiplier must be >= 0, got {self.noise_multiplier}"
@@ -356,6 +430,10 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
+    def __post_init__(self) -> None:
+        if self.privacy.enabled:
+            _refuse_unnoised_channels(self)
+
     @property
     def local_batchnorm(self) -> bool:
         """Whether sites train and embed with their own BatchNorm statistics."""
@@ -383,6 +461,34 @@ class RunConfig:
             federation=FederationConfig(**d.get("federation", {})),
             privacy=PrivacyConfig(**d.get("privacy", {})),
         )
+
+
+def _refuse_unnoised_channels(cfg: RunConfig) -> None:
+    """DP covers the noisy parameter average only: refuse settings that send more of a
+    site's data to the server without noise (see docs/dp.md)."""
+    unnoised = {
+        "TrainConfig.scaffold=True": (
+            cfg.train.scaffold,
+            "SCAFFOLD's control-variate deltas are averaged without noise; set scaffold=False",
+        ),
+        'FederationConfig.norm_stats="global"': (
+            cfg.federation.norm_stats == "global",
+            "every round pools per-site means and variances of the hidden units without "
+            'noise; use norm_stats="local" (or "averaged", whose statistics are clipped and '
+            "noised with the parameters)",
+        ),
+        "FederationConfig.early_stopping=True": (
+            cfg.federation.early_stopping,
+            "it needs each site's validation loss, which a site does not send under DP; set "
+            "early_stopping=False and a fixed n_rounds",
+        ),
+    }
+    for setting, (on, fix) in unnoised.items():
+        if on:
+            raise ValueError(
+                f"differential privacy (PrivacyConfig.clip_norm={cfg.privacy.clip_norm}) cannot "
+                f"be combined with {setting}: {fix}"
+            )
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -64,6 +64,11 @@ class ScFedVI:
         self.layer = layer
         self.params: dict[str, np.ndarray] | None = None
         self.history = pd.DataFrame()
+        #: the schedule the model was trained with (:mod:`scfedvi.federation.schedule`)
+        self.schedule: Any = None
+        self.early_stopped = False
+        #: each in-process worker's sites and peak private memory (last training call)
+        self.worker_memory: list[dict[str, Any]] = []
         self._site_data: dict[str, SiteData] = {}
         # the coordinator and site workers of the last training call (continued by the next)
         self._live: tuple[Any, list[Any]] | None = None
@@ -157,7 +162,6 @@ class ScFedVI:
             raise ValueError(
                 "this model has no sites to train on; build it with ScFedVI.from_sites"
             )
-        n_rounds = n_rounds or self.config.federation.n_rounds
         if resume and checkpoint_dir is None and self._live is not None:
             coord, workers = self._live
         else:
@@ -169,6 +173,11 @@ class ScFedVI:
                 checkpoint_dir=checkpoint_dir,
             )
             workers = self._workers()
+        if coord.schedule is None:  # the schedule follows the sites' cells (federation.schedule)
+            coord.resolve_schedule({w.name: w.data.n_cells for w in workers})
+        self.schedule = coord.schedule
+        n_rounds = n_rounds or coord.schedule.rounds
+        log.info("%s", coord.schedule.describe())
         bar = _progress(n_rounds, progress, initial=min(coord.round, n_rounds))
 
         def on_round(r: int, seconds: float) -> None:
@@ -176,12 +185,23 @@ class ScFedVI:
             bar.set_postfix_str(" ".join(f"{h['site']}: loss {h['loss']:.0f}" for h in last))
             bar.update(1)
 
-        run_in_process(coord, workers, n_rounds, resume=resume, on_round=on_round)
+        self.worker_memory = []
+        run_in_process(
+            coord,
+            workers,
+            n_rounds,
+            resume=resume,
+            on_round=on_round,
+            n_jobs=self.config.federation.n_jobs,
+            memory=self.worker_memory,
+        )
         bar.close()
         self._live = (coord, workers)
         self.params = coord.params
         self._balance = None  # computed again for these weights when first needed
         self.history = pd.DataFrame(coord.history)
+        self.history.attrs["schedule"] = coord.schedule.to_dict()
+        self.early_stopped = coord.early_stopped
         return self.history
 
     def _workers(self):
@@ -269,7 +289,15 @@ class ScFedVI:
         np.savez(d / MODEL_FILE, **self.params)  # type: ignore[arg-type]
         self.schema.save(d / SCHEMA_FILE)
         (d / CONFIG_FILE).write_text(
-            json.dumps({"config": self.config.to_dict(), "layer": self.layer}, indent=2)
+            json.dumps(
+                {
+                    "config": self.config.to_dict(),
+                    "layer": self.layer,
+                    "schedule": None if self.schedule is None else self.schedule.to_dict(),
+                    "early_stopped": self.early_stopped,
+                },
+                indent=2,
+            )
         )
         self.history.to_csv(d / HISTORY_FILE, index=False)
         from scfedvi.federation.balance import steps_to_arrays
@@ -291,6 +319,11 @@ class ScFedVI:
         )
         with np.load(d / MODEL_FILE) as z:
             model.params = {k: z[k] for k in z.files}
+        if meta.get("schedule"):
+            from scfedvi.federation.schedule import Schedule
+
+            model.schedule = Schedule.from_dict(meta["schedule"])
+            model.early_stopped = bool(meta.get("early_stopped", False))
         if (d / HISTORY_FILE).exists() and (d / HISTORY_FILE).stat().st_size > 1:
             model.history = pd.read_csv(d / HISTORY_FILE)
         model._balance = _load_balance(d / BALANCE_FILE, model.config.balance_clusters)

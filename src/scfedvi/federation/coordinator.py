@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ import torch
 
 from scfedvi.config import RunConfig
 from scfedvi.federation.aggregate import ServerOptimizer, SiteUpdate, fedavg, reject_invalid
+from scfedvi.federation.schedule import Schedule, resolve_schedule
 from scfedvi.privacy.accountant import gaussian_epsilon
-from scfedvi.privacy.dp import dp_average
+from scfedvi.privacy.dp import dp_average, require_expected_sites
 from scfedvi.train.local import build_module
 from scfedvi.train.params import Params, batch_owned_columns, get_state, shared_keys
 
@@ -61,6 +62,8 @@ class Coordinator:
         checkpoint_dir: str | os.PathLike | None = None,
     ) -> None:
         self.config = config
+        if config.privacy.enabled:
+            require_expected_sites(config.privacy)
         self.schema_hash = schema_hash
         self.n_genes, self.n_batches = n_genes, n_batches
         torch.manual_seed(config.federation.seed)
@@ -80,6 +83,51 @@ class Coordinator:
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.schedule: Schedule | None = None
+
+    # -- schedule and early stopping ---------------------------------------------------------
+    def resolve_schedule(self, n_cells: Mapping[str, int]) -> Schedule:
+        """Resolve the run's schedule from each site's number of cells (see
+        :mod:`scfedvi.federation.schedule`) and keep it."""
+        self.schedule = resolve_schedule(self.config, n_cells)
+        log.info("%s", self.schedule.describe())
+        return self.schedule
+
+    def work(self, site: str) -> tuple[int | None, int | None]:
+        """``(local_epochs, local_steps)`` of ``site`` this round (the resolved schedule)."""
+        if self.schedule is None:
+            raise RuntimeError("resolve the schedule first (Coordinator.resolve_schedule)")
+        return self.schedule.work(site)
+
+    def validation_curve(self) -> list[tuple[int, float]]:
+        """Per round: the validation loss over the sites' held-out cells, weighted by the
+        sites' training cells (each site's held-out share is the same ``1 - train_size``)."""
+        rounds: dict[int, list[tuple[float, float]]] = {}
+        for h in self.history:
+            v = h.get("validation_loss")
+            if h.get("status") == "ok" and v is not None and np.isfinite(v):
+                rounds.setdefault(int(h["round"]), []).append((float(v), float(h["n_train"])))
+        return [
+            (r, sum(v * w for v, w in vw) / sum(w for _, w in vw))
+            for r, vw in sorted(rounds.items())
+        ]
+
+    @property
+    def early_stopped(self) -> bool:
+        """Whether early stopping (``FederationConfig.early_stopping``) ends the run now: the
+        weighted validation loss has not improved by ``min_delta`` on its best for
+        ``patience`` rounds."""
+        fed = self.config.federation
+        if not fed.early_stopping:
+            return False
+        losses = [v for _, v in self.validation_curve()]
+        best, since = float("inf"), 0
+        for v in losses:
+            if v < best - fed.early_stopping_min_delta:
+                best, since = v, 0
+            else:
+                since += 1
+        return since >= fed.early_stopping_patience
 
     # -- broadcast ---------------------------------------------------------------------------
     @property
@@ -88,7 +136,7 @@ class Coordinator:
         priv = self.config.privacy
         if not priv.enabled:
             return None
-        return gaussian_epsilon(priv.noise_multiplier, self.round, priv.delta)
+        return gaussian_epsilon(priv.noise_multiplier, self.round, priv.delta, priv.adjacency)
 
     def broadcast(self) -> tuple[Params, Params | None]:
         """What every site receives this round: the global parameters (and SCAFFOLD's control)."""
@@ -103,6 +151,7 @@ class Coordinator:
         for u in updates:
             row = {"round": r, "site": u.site, "status": "rejected" if u.site in rejected else "ok"}
             row.update({k: float(v) for k, v in u.metrics.items()})
+            row["n_train"] = int(u.num_examples)
             row.update(bytes_up=nbytes(u.params) + nbytes(u.control_delta), bytes_down=down)
             row["reason"] = rejected.get(u.site, "")
             self.history.append(row)
@@ -115,15 +164,17 @@ class Coordinator:
             )
         priv = self.config.privacy
         if priv.clip_norm is not None:
-            rng = np.random.default_rng([self.config.federation.seed, r, 7])
+            # noise from the OS CSPRNG, never from the run's seed (which every site knows)
             avg, info = dp_average(
                 kept,
                 self.params,
                 clip_norm=priv.clip_norm,
                 noise_multiplier=priv.noise_multiplier,
-                rng=rng,
+                divisor=require_expected_sites(priv),
             )
-            info["dp_epsilon"] = gaussian_epsilon(priv.noise_multiplier, r + 1, priv.delta)
+            info["dp_epsilon"] = gaussian_epsilon(
+                priv.noise_multiplier, r + 1, priv.delta, priv.adjacency
+            )
             self.history.append({"round": r, "site": "(server)", "status": "dp", **info})
         else:
             pool = self.config.federation.norm_stats == "global"
@@ -149,6 +200,7 @@ class Coordinator:
             "schema_hash": self.schema_hash,
             "config": self.config.to_dict(),
             "history": self.history,
+            "schedule": None if self.schedule is None else self.schedule.to_dict(),
         }
         _atomic_npz(directory / f"{CHECKPOINT}.npz", arrays)
         _atomic_text(directory / f"{CHECKPOINT}.json", json.dumps(meta, indent=1))

@@ -7,6 +7,7 @@ variates stay with it (in memory, or in its own state file between Flower messag
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,14 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scfedvi.config import RunConfig
+from scfedvi.config import RunConfig, SitePolicy
 from scfedvi.federation.aggregate import SiteUpdate
 from scfedvi.federation.balance import BalanceStep, balanced_statistics
+from scfedvi.federation.schedule import site_train_config
+from scfedvi.privacy.dp import site_reply
+from scfedvi.privacy.policy import QueryLedger, check_training, n_train_cells
 from scfedvi.train.local import (
     LocalState,
     SiteTensors,
     build_module,
     calibrate_norm_stats,
+    config_device,
     embed,
     local_update,
     round_seed,
@@ -33,8 +38,18 @@ class SiteWorker:
     """A site: its data, its model replica and its private training state."""
 
     def __init__(
-        self, name: str, data: SiteTensors, n_genes: int, n_batches: int, config: RunConfig
+        self,
+        name: str,
+        data: SiteTensors,
+        n_genes: int,
+        n_batches: int,
+        config: RunConfig,
+        *,
+        policy: SitePolicy | None = None,
+        ledger: QueryLedger | None = None,
     ) -> None:
+        """``policy`` is the site's own (default ``SitePolicy()``); ``ledger`` counts the
+        queries it answered this run (default: in memory, for the worker's life)."""
         if data.X.shape[1] != n_genes:
             raise ValueError(
                 f"site {name!r}: data has {data.X.shape[1]} genes, the schema {n_genes}; "
@@ -45,24 +60,45 @@ class SiteWorker:
         self.config = config
         self.module = build_module(n_genes, n_batches, config.model)
         self.state = LocalState()
+        self.policy = SitePolicy() if policy is None else policy
+        self.ledger = QueryLedger() if ledger is None else ledger
+
+    def check_policy(
+        self, round_idx: int, work: tuple[int | None, int | None] | None = None
+    ) -> None:
+        """Refuse a training round the site's policy does not allow (its settings, the round,
+        the run's budget of rounds) with a :class:`~scfedvi.privacy.policy.PolicyRefusal`."""
+        train = self.config.train if work is None else site_train_config(self.config.train, *work)
+        cfg = dataclasses.replace(self.config, train=train)
+        n_train = n_train_cells(self.data.n_cells, train.train_size)
+        check_training(self.policy, self.name, cfg, n_train, round_idx)
+        self.ledger.spend(self.name, "train", self.policy.max_rounds)
 
     def fit(
-        self, global_params: Params, round_idx: int, control: Params | None = None
+        self,
+        global_params: Params,
+        round_idx: int,
+        control: Params | None = None,
+        work: tuple[int | None, int | None] | None = None,
     ) -> SiteUpdate:
-        """Local update for one round."""
+        """Local update for one round; ``work`` is the schedule's ``(local_epochs,
+        local_steps)`` for this site (:meth:`Schedule.work`; ``None``: the configuration's).
+        The site's policy is checked first (:meth:`check_policy`)."""
+        self.check_policy(round_idx, work)
         seed = round_seed(self.config.federation.seed, round_idx)
+        train = self.config.train if work is None else site_train_config(self.config.train, *work)
         result, self.state = local_update(
             self.module,
             global_params,
             self.data,
-            self.config.train,
+            train,
             self.state,
             norm_stats=self.config.federation.norm_stats,
             seed=seed,
             global_control=control,
             split_seed=self.config.federation.seed,
         )
-        return SiteUpdate(
+        update = SiteUpdate(
             site=self.name,
             params=result.params,
             num_examples=result.num_examples,
@@ -70,6 +106,8 @@ class SiteWorker:
             metrics=result.metrics,
             control_delta=result.control_delta,
         )
+        # under DP: clipped here with clip_at="site", and no losses (scfedvi.privacy.dp)
+        return site_reply(update, global_params, self.config.privacy)
 
     def embed(self, global_params: Params, balance: Sequence[BalanceStep] = ()) -> np.ndarray:
         """The site's cells in the global latent space, computed at the site.
@@ -77,6 +115,7 @@ class SiteWorker:
         With site-local statistics, the site computes them on its own cells, then applies the
         federation's ``balance`` steps (:mod:`scfedvi.federation.balance`) to them.
         """
+        self.module.to(config_device(self.config.train))
         set_state(self.module, global_params)
         if not self.config.local_batchnorm:
             if balance:

@@ -167,6 +167,57 @@ def kl_weight(epoch: float, n_epochs_kl_warmup: int | None) -> float:
     return float(min(1.0, epoch / n_epochs_kl_warmup))
 
 
+def resolve_device(accelerator: str = "auto", device: str | int = "auto") -> torch.device:
+    """The torch device of ``TrainConfig.accelerator``/``device`` (scvi-tools' names).
+
+    ``"auto"`` picks CUDA when torch sees a GPU, else the CPU; ``"gpu"``/``"cuda"`` without
+    one is an error naming the fix.
+    """
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator not in ("auto", "gpu", "cuda"):
+        raise ValueError(
+            f"TrainConfig.accelerator must be 'cpu', 'gpu', 'cuda' or 'auto', got {accelerator!r}"
+        )
+    if not torch.cuda.is_available():
+        if accelerator == "auto":
+            return torch.device("cpu")
+        raise ValueError(
+            f"TrainConfig.accelerator={accelerator!r}, but torch sees no CUDA GPU on this "
+            "machine; use accelerator='cpu' or 'auto' (or install a CUDA build of torch)"
+        )
+    if str(device) == "auto":
+        return torch.device("cuda")
+    try:
+        index = int(device)
+    except ValueError:
+        raise ValueError(
+            f"TrainConfig.device must be 'auto' or a GPU index such as '0', got {device!r}"
+        ) from None
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(
+            f"TrainConfig.device={device!r}: this machine has {torch.cuda.device_count()} "
+            "CUDA devices; use 'auto' or an index below that"
+        )
+    return torch.device("cuda", index)
+
+
+def config_device(cfg: TrainConfig) -> torch.device:
+    """The device of a site's training settings."""
+    return resolve_device(cfg.accelerator, cfg.device)
+
+
+def _on(device: torch.device, x: torch.Tensor, b: torch.Tensor, nonzero: NonzeroCounts | None):
+    if device.type == "cpu":
+        return x, b, nonzero
+    nz = (
+        None
+        if nonzero is None
+        else NonzeroCounts(*(t.to(device, non_blocking=True) for t in nonzero))
+    )
+    return x.to(device, non_blocking=True), b.to(device, non_blocking=True), nz
+
+
 def build_module(n_genes: int, n_batches: int, model: ModelConfig) -> VAE:
     return VAE(n_genes, n_batches, model)
 
@@ -214,6 +265,13 @@ def local_update(
         federation's seed, the same every round.
     """
     t0 = time.perf_counter()
+    if cfg.local_steps is None and cfg.local_epochs is None:
+        raise ValueError(
+            "TrainConfig.local_epochs and local_steps are both None: resolve the run's schedule "
+            "first (scfedvi.federation.schedule.site_train_config) or set one of them"
+        )
+    device = config_device(cfg)
+    module.to(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     set_state(module, global_params)
@@ -224,7 +282,7 @@ def local_update(
     if norm_stats == "global":
         # the site's statistics under the round's global weights, pooled by the server into the
         # next round's global statistics; training uses the current global statistics
-        site_stats = calibrate_norm_stats(module, data)
+        site_stats = calibrate_norm_stats(module, data, device=device)
         stat_keys = list(site_stats)
         set_state(module, {k: global_params[k] for k in stat_keys})
         frozen_norm = any(
@@ -246,7 +304,7 @@ def local_update(
 
     train_cells, held_out = train_validation_split(data.n_cells, cfg.train_size, split_seed)
     n_per_epoch = max(1, _n_minibatches(len(train_cells), cfg.batch_size))
-    total_steps = cfg.local_steps or cfg.local_epochs * n_per_epoch
+    total_steps = cfg.local_steps or int(cfg.local_epochs or 0) * n_per_epoch
     sums = np.zeros(3)
     n_seen = 0
     step = 0
@@ -254,7 +312,7 @@ def local_update(
         for idx in data.minibatch_indices(cfg.batch_size, rng, cells=train_cells):
             if step >= total_steps:
                 break
-            x, b, nonzero = data.training_minibatch(idx)
+            x, b, nonzero = _on(device, *data.training_minibatch(idx))
             epoch = state.epochs_done + step / n_per_epoch
             weight = kl_weight(int(epoch), cfg.n_epochs_kl_warmup)
             out = module.loss(x, b, kl_weight=weight, nonzero=nonzero)
@@ -275,7 +333,7 @@ def local_update(
             )
             n_seen += n_cells
             step += 1
-    validation = _validation_loss(module, data, held_out) if len(held_out) else None
+    validation = _validation_loss(module, data, held_out, device) if len(held_out) else None
     new_state = get_state(module)
     keys = shared_keys(module, norm_stats)
     result_params = {k: site_stats.get(k, new_state[k]) for k in keys}
@@ -305,13 +363,15 @@ def local_update(
 
 
 @torch.no_grad()
-def _validation_loss(module: VAE, data: SiteTensors, cells: np.ndarray) -> float:
+def _validation_loss(
+    module: VAE, data: SiteTensors, cells: np.ndarray, device: torch.device
+) -> float:
     """Negative ELBO per held-out cell (KL weight 1; eval mode: no dropout, running
     statistics)."""
     module.eval()
     total = 0.0
     for idx in data.minibatch_indices(1024, None, drop_small=False, cells=cells):
-        x, b, nonzero = data.training_minibatch(idx)
+        x, b, nonzero = _on(device, *data.training_minibatch(idx))
         total += float(module.loss(x, b, kl_weight=1.0, nonzero=nonzero).loss) * len(idx)
     module.train()
     return total / len(cells)
@@ -330,9 +390,9 @@ def _scaffold_correction(named, global_control, client_control) -> dict[str, tor
         ci = client_control.get(k) if client_control else None
         corr = torch.zeros_like(p)
         if c is not None:
-            corr += torch.as_tensor(c)
+            corr += torch.as_tensor(c, device=p.device)
         if ci is not None:
-            corr -= torch.as_tensor(ci)
+            corr -= torch.as_tensor(ci, device=p.device)
         out[k] = corr
     return out
 
@@ -351,7 +411,9 @@ def _scaffold_update(named, global_params, new_params, global_control, client_co
 
 @onednn_matmul()
 @torch.no_grad()
-def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024) -> Params:
+def calibrate_norm_stats(
+    module: VAE, data: SiteTensors, batch_size: int = 1024, device: torch.device | None = None
+) -> Params:
     """Recompute BatchNorm statistics on a site's cells with the current weights.
 
     The statistics are cumulative averages over minibatches of the site's cells in a fixed
@@ -369,7 +431,9 @@ def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024)
         m.momentum = None
         m.train()
     decoder_bn = any(isinstance(m, torch.nn.BatchNorm1d) for m in module.decoder.modules())
+    device = device or _module_device(module)
     for x, b in data.iter_minibatches(batch_size, np.random.default_rng(0), drop_small=True):
+        x, b, _ = _on(device, x, b, None)
         inf = module.inference(x, b)
         if decoder_bn:  # the decoder's pass changes no statistic otherwise
             module.generative(inf["qz_m"], inf["library"], b)
@@ -382,11 +446,20 @@ def calibrate_norm_stats(module: VAE, data: SiteTensors, batch_size: int = 1024)
 
 @onednn_matmul()
 @torch.no_grad()
-def embed(module: VAE, data: SiteTensors, batch_size: int = 1024) -> np.ndarray:
-    """Posterior means of the site's cells (eval mode: running statistics, no dropout)."""
+def embed(
+    module: VAE, data: SiteTensors, batch_size: int = 1024, device: torch.device | None = None
+) -> np.ndarray:
+    """Posterior means of the site's cells (eval mode: running statistics, no dropout), on
+    ``device`` (default: where the module is)."""
+    device = device or _module_device(module)
+    module.to(device)
     module.eval()
     out = [
-        module.latent(x, b).numpy()
+        module.latent(*_on(device, x, b, None)[:2]).cpu().numpy()
         for x, b in data.iter_minibatches(batch_size, None, drop_small=False)
     ]
     return np.concatenate(out, axis=0)
+
+
+def _module_device(module: VAE) -> torch.device:
+    return next(module.parameters()).device

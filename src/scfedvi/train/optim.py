@@ -54,7 +54,7 @@ class Adam:
             st = self.state.get(name)
             if st is None:
                 st = self.state[name] = {
-                    "step": torch.zeros((), dtype=torch.float32),
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
                     "exp_avg": torch.zeros_like(p),
                     "exp_avg_sq": torch.zeros_like(p),
                 }
