@@ -25,12 +25,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Seconds between the SuperExec's polls for a new task (a message to run, at a SuperNode; the
+#: ServerApp, at the SuperLink). Flower's default is 1 s; docs/deployment.md sets the same.
+TASK_POLL_INTERVAL = "0.1"
+
+
 def flower_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(home),
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=TASK_POLL_INTERVAL,
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PYTHONUNBUFFERED="1",
     )

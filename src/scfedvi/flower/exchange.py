@@ -1,8 +1,8 @@
 """The server's side of the wire: send one message per site, collect the replies in time.
 
 :class:`Exchange` wraps Flower's :class:`~flwr.serverapp.Grid`: it pushes the messages,
-pulls the replies every ``poll`` seconds (Flower's ``send_and_receive`` sleeps 3 s between
-pulls) until all arrived or the timeout passed, and sorts them into replies and failures
+pulls the replies every ``poll`` seconds (:data:`POLL`, 0.05 s; Flower's ``send_and_receive``
+sleeps 3 s between pulls) until all arrived or the timeout passed, and sorts them into replies and failures
 (error replies, or no reply in time). With a payload log it describes every reply it
 receives (record names, array dtypes and shapes, scalar types) in a JSON-lines file.
 """
@@ -21,6 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
+#: Seconds between two pulls of the replies: a pull is one small request to the SuperLink, and
+#: a reply waits at most this long to be seen.
+POLL = 0.05
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Exchange:
         Seconds between two pulls.
     """
 
-    def __init__(self, grid: Grid, payload_log: Path | None = None, poll: float = 0.2) -> None:
+    def __init__(self, grid: Grid, payload_log: Path | None = None, poll: float = POLL) -> None:
         self.grid = grid
         self.payload_log = payload_log
         self.poll = poll

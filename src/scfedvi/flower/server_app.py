@@ -29,6 +29,7 @@ from scfedvi.federation.balance import BalanceStep, run_balance, site_seed, step
 from scfedvi.federation.coordinator import CHECKPOINT, Coordinator
 from scfedvi.flower import messages as m
 from scfedvi.flower.exchange import Exchange
+from scfedvi.flower.progress import Progress
 from scfedvi.flower.settings import AppSettings, run_config_from_flower
 from scfedvi.flower.setup import Federation, setup
 
@@ -52,10 +53,13 @@ def main(grid: Grid, context: Context) -> None:
     out = settings.out_path
     out.mkdir(parents=True, exist_ok=True)
     write_result(out, {"status": "running", "run_id": int(context.run_id)})
+    progress = Progress(cfg.federation.n_rounds, run_id=int(context.run_id))
     try:
-        result = run_federation(grid, cfg, settings)
+        result = run_federation(grid, cfg, settings, progress)
     except Exception as e:
-        write_result(out, {"status": "failed", "run_id": int(context.run_id), "error": f"{e}"})
+        failure = {"error": f"{e}", **progress.failure()}
+        log.error("the run failed (%s): %s", progress.stage, failure)
+        write_result(out, {"status": "failed", "run_id": int(context.run_id), **failure})
         raise
     write_result(out, {"status": "completed", "run_id": int(context.run_id), **result})
 
@@ -66,9 +70,13 @@ def write_result(out: Path, result: dict[str, Any]) -> None:
     tmp.replace(out / RESULT_FILE)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, Any]:
-    """Setup, rounds ``coordinator.round .. num-server-rounds - 1``, embedding, outputs."""
+def run_federation(
+    grid: Grid, cfg: RunConfig, app: AppSettings, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Setup, rounds ``coordinator.round .. num-server-rounds - 1``, embedding, outputs;
+    ``progress`` follows the run (logged each round, and what a failure reports)."""
     out = app.out_path
+    progress = progress or Progress(cfg.federation.n_rounds)
     ex = Exchange(grid, Path(app.payload_log).expanduser() if app.payload_log else None)
     min_sites = cfg.federation.min_sites
     resume = (out / CHECKPOINT_DIR / f"{CHECKPOINT}.json").exists()
@@ -85,20 +93,31 @@ def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, An
         checkpoint_dir=out / CHECKPOINT_DIR,
     )
     start = coord.round if coord.load_checkpoint(out / CHECKPOINT_DIR) else 0
+    schedule = coord.resolve_schedule(fed.n_cells)  # the sites' cells, as in process
     seconds: list[float] = []
     dropped: list[dict[str, Any]] = []
-    for r in range(coord.round, cfg.federation.n_rounds):
+    for r in range(coord.round, schedule.rounds):
+        if coord.early_stopped:
+            log.info("early stopping after round %d (FederationConfig.early_stopping)", r - 1)
+            break
         t0 = time.perf_counter()
+        progress.stage = f"round {r}"
         updates, failed = train_round(ex, coord, fed, r, app.round_timeout)
         dropped += [{"round": r, "site": s, "reason": why} for s, why in failed.items()]
+        progress.failed(r, failed)
         coord.aggregate(updates, dropped=sorted(failed))
         seconds.append(time.perf_counter() - t0)
-        log.info("round %d: %d sites, %.1f s", r, len(updates), seconds[-1])
+        rows = [row for row in coord.history if row.get("round") == r]
+        info = progress.round_done(r, rows, failed, seconds[-1])
+        write_result(out, {"status": "running", "run_id": progress.run_id, "progress": info})
     last = {str(d["site"]) for d in dropped if d["round"] == coord.round - 1}
     t0 = time.perf_counter()
+    progress.stage = "balance"
     steps, failed = balance(ex, coord, fed, cfg, app.round_timeout, skip=last)
     balance_seconds = time.perf_counter() - t0
     dropped += [{"round": "balance", "site": s, "reason": why} for s, why in failed.items()]
+    progress.failed("balance", failed)
+    progress.stage = "embedding"
     embedded = embed(ex, coord, fed, app.round_timeout, skip=last, steps=steps)
     history = pd.DataFrame(coord.history)
     save_model(out / MODEL_DIR, fed.schema, cfg, app, coord, history, steps)
@@ -106,6 +125,8 @@ def run_federation(grid: Grid, cfg: RunConfig, app: AppSettings) -> dict[str, An
     return {
         "rounds": coord.round,
         "resumed_from_round": start,
+        "schedule": schedule.to_dict(),
+        "early_stopped": coord.early_stopped,
         "schema_hash": fed.schema.hash,
         "sites": sorted(fed.sites.values()),
         "dropped": dropped,
@@ -135,6 +156,9 @@ def train_round(
     online = ex.online()
     failed = {s: "not connected" for n, s in fed.sites.items() if n not in online}
     targets = {n: _content(coord, fed.schema.hash, r) for n in fed.sites if n in online}
+    for n, rd in targets.items():  # each site's local work this round (the schedule)
+        work = m.work_to_config(coord.work(fed.sites[n]))
+        rd[m.CONFIG] = m.round_config(fed.schema.hash, r, **work)
     res = ex.ask(targets, m.TRAIN, timeout, group_id=str(r))
     updates = []
     for node, reply in res.ok.items():
@@ -267,5 +291,6 @@ def save_model(
     model = ScFedVI(schema, cfg, layer=app.layer or None)
     model.params = coord.params
     model.history = history
+    model.schedule, model.early_stopped = coord.schedule, coord.early_stopped
     model._balance = list(steps or [])
     model.save(directory, overwrite=True)
