@@ -90,8 +90,13 @@ def train(args: argparse.Namespace) -> int:
     )
     cfg = replace(cfg, federation=fed, train=tr)
     if args.dp_clip is not None:
+        one = sites.get("__one__")
+        n_sites = len(sites) if one is None else int(one.obs[args.split_key].nunique())
         cfg = replace(
-            cfg, privacy=PrivacyConfig(clip_norm=args.dp_clip, noise_multiplier=args.dp_noise)
+            cfg,
+            privacy=PrivacyConfig(
+                clip_norm=args.dp_clip, noise_multiplier=args.dp_noise, expected_sites=n_sites
+            ),
         )
     if "__one__" in sites:
         model = ScFedVI.from_sites(

@@ -11,7 +11,10 @@ from typing import Any
 
 _LAZY = {
     "gaussian_epsilon": "scfedvi.privacy.accountant",
+    "noise_for_epsilon": "scfedvi.privacy.accountant",
     "dp_average": "scfedvi.privacy.dp",
+    "secure_gaussian": "scfedvi.privacy.dp",
+    "site_reply": "scfedvi.privacy.dp",
     "PolicyRefusal": "scfedvi.privacy.policy",
     "QueryLedger": "scfedvi.privacy.policy",
     "check_summary": "scfedvi.privacy.policy",
