@@ -1,21 +1,26 @@
 """Per-round overhead of Flower's deployment engine against the in-process runtime.
 
-The same sites (simulated counts, one batch per site, written as ``.h5ad``), the same run
-configuration and seeds, trained twice: in process (``run_in_process``) and over a local
-deployment (a SuperLink and one SuperNode per site on 127.0.0.1, ``flwr run``). Seconds per
-round in process are timed around each round; over Flower they are the ServerApp's own
-timing of each round (send, the sites' fresh ClientApp processes, replies, aggregation,
-checkpoint), read from its ``result.json``; so is the balancing step (federated k-means, its
-own message rounds), timed beside the in-process one. The setup round and the final
-embedding are timed apart (wall time of ``flwr run`` to the result, minus the rounds and the
-balancing).
+The same sites (:func:`scfedvi.data.simulate.simulate`, one batch per site, written as
+``.h5ad``), the same run configuration and seeds, trained twice: in process
+(``run_in_process``, ``--jobs`` worker processes) and over a local deployment (a SuperLink and
+one SuperNode per site on 127.0.0.1, ``flwr run``; the SuperExecs poll for tasks every
+``--task-poll`` seconds). Seconds per round in process are timed around each round; over
+Flower they are the ServerApp's own timing of each round (send, the sites' fresh ClientApp
+processes, replies, aggregation, checkpoint), read from its ``result.json``. Per round, both
+report the wall time, the slowest site's local training seconds (the sites' ``seconds``
+metric, from the history), their difference (over Flower: the part that is Flower's, the
+ClientApp's start and the site's data loading included) and the bytes sent and received. The
+balancing step (federated k-means, its own message rounds) is timed beside the in-process one.
+The setup round and the final embedding are timed apart (wall time of ``flwr run`` to the
+result, minus the rounds and the balancing). The final global models are compared.
 
 Both use ``--threads`` torch threads (default 1: the ClientApps of the sites run side by side
 on one machine here; in a real deployment each site has its own).
 
 Usage::
 
-    nice -n 10 .venv/bin/python benchmarks/bench_flower_overhead.py [--sites 3] [--rounds 3]
+    nice -n 10 .venv/bin/python benchmarks/bench_flower_overhead.py [--sites 3] [--rounds 3] \
+        [--cells-per-site 100000 --genes 2000]
 
 Writes ``benchmark-out/bench_flower_overhead.json`` (``--out``) with the command, versions,
 seeds and every figure printed. Every process it starts is stopped by its PID.
@@ -45,8 +50,15 @@ BIN = Path(sys.executable).parent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--cells", type=int, default=500, help="cells per site")
+    p.add_argument("--cells", "--cells-per-site", type=int, default=500, help="cells per site")
     p.add_argument("--genes", type=int, default=500)
+    p.add_argument("--jobs", type=int, default=1, help="in-process worker processes")
+    p.add_argument(
+        "--task-poll",
+        type=float,
+        default=0.1,
+        help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL, seconds (0: Flower's default, 1 s)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -62,24 +74,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_sites(directory: Path, n_sites: int, n_cells: int, n_genes: int, seed: int) -> dict:
-    import anndata as ad
-    import pandas as pd
-    from scipy import sparse
+    """One simulated batch per site (``simulate``'s library sizes cycle over the batches)."""
+    from scfedvi.data.simulate import simulate
 
-    rng = np.random.default_rng(seed)
-    base = rng.gamma(0.6, 1 / 0.3, size=n_genes)
-    genes = [f"gene-{g:05d}" for g in range(n_genes)]
+    adata = simulate(n_cells=n_sites * n_cells, n_genes=n_genes, n_batches=n_sites, seed=seed)
+    adata.obs["batch"] = adata.obs["batch"].astype(str)
     paths = {}
-    for i in range(n_sites):
-        mu = rng.lognormal(np.log(2000.0 * 2**i), 0.3, size=n_cells)[:, None] * base / base.sum()
-        x = rng.poisson(rng.gamma(5.0, mu * rng.lognormal(0, 0.3, n_genes) / 5.0))
-        obs = pd.DataFrame({"batch": f"batch-{i}"}, index=[f"s{i}-c{c}" for c in range(n_cells)])
-        a = ad.AnnData(
-            sparse.csr_matrix(x.astype(np.int32)), obs=obs, var=pd.DataFrame(index=genes)
-        )
-        paths[f"site-{i:02d}"] = directory / f"site-{i:02d}.h5ad"
-        a.write_h5ad(paths[f"site-{i:02d}"])
+    for i, b in enumerate(sorted(adata.obs["batch"].unique())):
+        site = f"site-{i:02d}"
+        paths[site] = directory / f"{site}.h5ad"
+        adata[adata.obs["batch"] == b].copy().write_h5ad(paths[site])
     return paths
+
+
+def per_round(history: Any, seconds: list[float]) -> list[dict[str, float]]:
+    """Per round: wall seconds, the slowest site's local seconds, their difference, bytes."""
+    import pandas as pd
+
+    h = pd.DataFrame(history)
+    h = h[h["status"] == "ok"]
+    out = []
+    for r, wall in enumerate(seconds):
+        rows = h[h["round"] == r]
+        slowest = float(rows["seconds"].max()) if len(rows) else float("nan")
+        out.append(
+            {
+                "round": r,
+                "wall_s": wall,
+                "slowest_site_s": slowest,
+                "overhead_s": wall - slowest,
+                "bytes": float(rows["bytes_up"].sum() + rows["bytes_down"].sum()),
+            }
+        )
+    return out
 
 
 def run_config(args: argparse.Namespace):
@@ -112,7 +139,9 @@ def in_process(paths: dict, args: argparse.Namespace) -> dict[str, Any]:
     coord = Coordinator(schema.n_genes, schema.n_batches, cfg, schema_hash=schema.hash)
     setup = time.perf_counter() - t0
     rounds: list[float] = []
-    run_in_process(coord, workers, args.rounds, on_round=lambda r, s: rounds.append(s))
+    run_in_process(
+        coord, workers, args.rounds, on_round=lambda r, s: rounds.append(s), n_jobs=args.jobs
+    )
     from scfedvi.federation.balance import balance_in_process
 
     t0 = time.perf_counter()
@@ -121,6 +150,7 @@ def in_process(paths: dict, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "setup_s": setup,
         "seconds_per_round": rounds,
+        "rounds": per_round(coord.history, rounds),
         "balance_s": balance,
         "balance_clusters": [len(st.composition) for st in steps],
         "params": coord.params,
@@ -184,6 +214,8 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.task_poll:
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(args.task_poll)
     env.update(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PATH=f"{BIN}:{env['PATH']}")
     procs: list[subprocess.Popen] = []
     log = (work / "flower.log").open("ab")
@@ -237,9 +269,13 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
         raise RuntimeError(f"the Flower run did not complete: {result}; see {work}/flower.log")
     with np.load(out / "model" / "model.npz") as z:
         params = {k: z[k] for k in z.files}
+    import pandas as pd
+
+    history = pd.read_csv(out / "history.csv")
     return {
         "wall_s": wall,
         "seconds_per_round": result["seconds_per_round"],
+        "rounds": per_round(history, result["seconds_per_round"]),
         "balance_s": result["balance"]["seconds"],
         "balance_clusters": result["balance"]["clusters"],
         "setup_and_embed_s": wall - sum(result["seconds_per_round"]) - result["balance"]["seconds"],
@@ -249,6 +285,7 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    load_start = os.getloadavg()
     import flwr
     import torch
 
@@ -265,14 +302,41 @@ def main(argv: list[str] | None = None) -> int:
         float(np.max(np.abs(fl["params"][k] - v) / (np.abs(v) + 1e-6)))
         for k, v in ref["params"].items()
     )
+    abs_diff = max(float(np.max(np.abs(fl["params"][k] - v))) for k, v in ref["params"].items())
+    close = all(  # the deployment test's tolerance
+        np.allclose(fl["params"][k], v, rtol=1e-5, atol=1e-7) for k, v in ref["params"].items()
+    )
     ip, dep = np.mean(ref["seconds_per_round"]), np.mean(fl["seconds_per_round"])
     print(f"{args.sites} sites x {args.cells} cells x {args.genes} genes, {args.rounds} rounds")
+    print(
+        "round | in process: wall  slowest site  rest | Flower: wall  slowest site  Flower's | MB"
+    )
+    for a, b in zip(ref["rounds"], fl["rounds"], strict=False):
+        print(
+            f"{a['round']:5d} | {a['wall_s']:16.2f} {a['slowest_site_s']:13.2f} "
+            f"{a['overhead_s']:5.2f} | {b['wall_s']:12.2f} {b['slowest_site_s']:13.2f} "
+            f"{b['overhead_s']:9.2f} | {b['bytes'] / 1e6:.1f}"
+        )
+    over = [b["overhead_s"] for b in fl["rounds"]]
     print(f"in process : {ip:8.3f} s/round (setup {ref['setup_s']:.2f} s)")
     print(f"Flower     : {dep:8.3f} s/round (setup + embedding {fl['setup_and_embed_s']:.1f} s)")
-    print(f"ratio      : {dep / ip:8.1f}x   (max relative parameter difference {diff:.1e})")
+    print(
+        f"Flower's part per round: median {np.median(over):.2f} s, max {max(over):.2f} s "
+        "(wall minus the slowest site's local training)"
+    )
+    print(f"ratio      : {dep / ip:8.2f}x per round")
+    print(
+        f"models     : max abs difference {abs_diff:.1e}, max relative {diff:.1e}; "
+        f"equal within rtol 1e-5, atol 1e-7: {close}"
+    )
     print(
         f"balancing  : {ref['balance_s']:.2f} s in process, {fl['balance_s']:.1f} s over Flower "
         f"(clusters per pass {ref['balance_clusters']} / {fl['balance_clusters']})"
+    )
+    ip_total = ref["setup_s"] + sum(ref["seconds_per_round"]) + ref["balance_s"]
+    print(
+        f"whole run  : {fl['wall_s']:.1f} s over Flower (setup, rounds, balancing, embedding); "
+        f"{ip_total:.1f} s in process (setup, rounds, balancing; no embedding)"
     )
     record = {
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -283,12 +347,16 @@ def main(argv: list[str] | None = None) -> int:
             "numpy": np.__version__,
         },
         "cpus": os.cpu_count(),
-        "load_avg": os.getloadavg(),
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
         "args": vars(args),
         "in_process": {k: v for k, v in ref.items() if k != "params"},
         "flower": {k: v for k, v in fl.items() if k != "params"},
         "ratio": dep / ip,
+        "flower_part_median_s": float(np.median(over)),
         "max_rel_param_diff": diff,
+        "max_abs_param_diff": abs_diff,
+        "params_allclose": close,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))
