@@ -3,11 +3,17 @@ against each site's own statistics, on the same trained models.
 
 For each number of sites and seed: train the benchmark's default scFedVI (the same settings
 and code as ``scfedvi benchmark``), embed each site with its own statistics only (balancing
-off), then balanced for each ``--k`` (clusters; ``--rounds`` k-means message rounds), and, as
-a bound, balanced on the true cell types (the "oracle", which uses labels). The trained
-weights are the same for every row; only the statistics used to embed differ.
+off), then balanced for each ``--k`` (clusters) and each ``--rounds`` (sums rounds per pass
+of today's protocol: one local-summary round, then that many rounds of per-cluster sums),
+with ``--old`` also by the protocol before it (the anchor: each site's own k centroids, then
+``--old-rounds`` Lloyd message rounds; computed in this script from the same primitives),
+and, as a bound, balanced on the true cell types (the "oracle", which uses labels). The
+trained weights are the same for every row; only the statistics used to embed differ.
+``simulated`` is the strong trap of ``tests/test_quality.py`` (composition 4, one site per
+batch; ``--clients`` sets the number of batches).
 
     python benchmarks/balanced_stats.py cortex --clients 2,3,5 --seeds 0,1,2 --k 8,16
+    python benchmarks/balanced_stats.py simulated --clients 3 --k 8 --rounds 1,2 --old
 
 Prints batch / cell-type LISI (mean over cells; with ``--scib`` also the scIB metrics of every
 row, computed by the benchmark's own evaluation) and appends JSON lines (with the command,
@@ -29,12 +35,17 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("dataset", help="pancreas or cortex (the benchmark's data sets and partitions)")
+    p.add_argument(
+        "dataset",
+        help="pancreas or cortex (the benchmark's data sets and partitions) or simulated",
+    )
     p.add_argument("--clients", default="2,3,5")
     p.add_argument("--seeds", default="0")
     p.add_argument("--k", default="8,16", help="numbers of clusters")
     p.add_argument("--iterations", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10, help="k-means message rounds per pass")
+    p.add_argument("--rounds", default="1", help="sums rounds per pass (comma-separated)")
+    p.add_argument("--old", action="store_true", help="also the protocol before (the anchor)")
+    p.add_argument("--old-rounds", type=int, default=10, help="its Lloyd rounds per pass")
     p.add_argument("--out", default="benchmark-out/balanced_stats.jsonl")
     p.add_argument(
         "--scib",
@@ -62,47 +73,79 @@ def main(argv: list[str]) -> int:
 
     bp = argparse.ArgumentParser()
     add_benchmark_parser(bp.add_subparsers(dest="command"))
+    rounds_list = [int(x) for x in args.rounds.split(",")]
+    if args.dataset == "simulated" and args.scib:
+        p.error("--scib needs a benchmark data set (pancreas or cortex)")
     for n_sites in [int(x) for x in args.clients.split(",")]:
         for seed in [int(x) for x in args.seeds.split(",")]:
-            b = bp.parse_args(
-                ["benchmark", args.dataset, "--clients", str(n_sites), "--seeds", str(seed),
-                 "--methods", "scfedvi", "--out", "/tmp/balanced-stats-plan"]
-            )  # fmt: skip
-            task = _task(plan(settings_from_args(b))[0][0][1])
-            cfg = scfedvi_config(METHODS["scfedvi"].settings(False), seed)
             t0 = time.perf_counter()
-            model = ScFedVI.from_sites(
-                task.site_dict(),
-                batch_key=task.batch_key,
-                label_key=task.label_key,
-                n_top_genes=task.n_top_genes,
-                config=cfg,
-            )
+            if args.dataset == "simulated":
+                task = None
+                adata, batch_key, label_key = _simulated(n_sites), "batch", "cell_type"
+                cfg = _trap_config(seed)
+                model = ScFedVI.from_sites(
+                    adata,
+                    split_key="batch",
+                    batch_key=batch_key,
+                    label_key=label_key,
+                    n_top_genes=None,
+                    config=cfg,
+                )
+            else:
+                b = bp.parse_args(
+                    ["benchmark", args.dataset, "--clients", str(n_sites), "--seeds", str(seed),
+                     "--methods", "scfedvi", "--out", "/tmp/balanced-stats-plan"]
+                )  # fmt: skip
+                task = _task(plan(settings_from_args(b))[0][0][1])
+                adata, batch_key, label_key = task.adata, task.batch_key, task.label_key
+                cfg = scfedvi_config(METHODS["scfedvi"].settings(False), seed)
+                model = ScFedVI.from_sites(
+                    task.site_dict(),
+                    batch_key=batch_key,
+                    label_key=label_key,
+                    n_top_genes=task.n_top_genes,
+                    config=cfg,
+                )
             model.train(progress=False)
             train_s = time.perf_counter() - t0
             obs = pd.DataFrame(
                 {
-                    "batch": task.adata.obs[task.batch_key].to_numpy(),
-                    "label": task.adata.obs[task.label_key].to_numpy(),
+                    "batch": adata.obs[batch_key].astype(str).to_numpy(),
+                    "label": adata.obs[label_key].astype(str).to_numpy(),
                 },
-                index=task.adata.obs_names,
+                index=adata.obs_names,
             )
             sites = {name: model._site_data[name] for name in model.sites}
             workers = {w.name: w for w in model._live[1]}
             off = {n: workers[n].embed(model.params, []) for n in sites}
-            variants = {"site-local statistics (balancing off)": off}
+            variants = {"site-local statistics (balancing off)": (off, 0, 0.0)}
             for k in [int(x) for x in args.k.split(",")]:
-                fed = replace(
-                    cfg.federation,
-                    balance_clusters=k,
-                    balance_iterations=args.iterations,
-                    balance_rounds=args.rounds,
-                )
-                model.config, model._balance = replace(cfg, federation=fed), None
-                name = f"balanced, K={k}, {args.iterations} passes, {args.rounds} rounds"
-                variants[name] = {
-                    n: model.get_latent_representation(site=n, write=False) for n in sites
-                }
+                if args.old:
+                    t1 = time.perf_counter()
+                    steps = _old_protocol(
+                        model._live[1], model.params, k, args.iterations, args.old_rounds, seed
+                    )
+                    secs = time.perf_counter() - t1
+                    name = (
+                        f"old protocol, K={k}, {args.iterations} passes, "
+                        f"1 + {args.old_rounds} rounds"
+                    )
+                    zs = {n: workers[n].embed(model.params, steps) for n in sites}
+                    variants[name] = (zs, args.iterations * (1 + args.old_rounds), secs)
+                for rounds in rounds_list:
+                    fed = replace(
+                        cfg.federation,
+                        balance_clusters=k,
+                        balance_iterations=args.iterations,
+                        balance_rounds=rounds,
+                    )
+                    model.config, model._balance = replace(cfg, federation=fed), None
+                    t1 = time.perf_counter()
+                    model.balance_steps()
+                    secs = time.perf_counter() - t1
+                    name = f"balanced, K={k}, {args.iterations} passes, 1 + {rounds} rounds"
+                    zs = {n: model.get_latent_representation(site=n, write=False) for n in sites}
+                    variants[name] = (zs, args.iterations * (1 + rounds), secs)
             model.config = cfg
             labels = obs["label"].to_numpy()
             pre = None
@@ -115,7 +158,7 @@ def main(argv: list[str]) -> int:
                 share = np.bincount(codes, minlength=len(uniq)) / len(codes)
                 oracle = {}
                 for n, sd in sites.items():
-                    g = codes[task.adata.obs_names.get_indexer(sd.obs_names)]
+                    g = codes[adata.obs_names.get_indexer(sd.obs_names)]
                     w = resample_weights(g, share)
                     idx = np.random.default_rng(0).choice(
                         len(g), size=4 * len(g), replace=True, p=w / w.sum()
@@ -126,11 +169,11 @@ def main(argv: list[str]) -> int:
                         wk.module, SiteTensors(wk.data.X[idx], wk.data.batch_index[idx])
                     )
                     oracle[n] = embed(wk.module, wk.data)
-                variants["oracle: balanced on true labels"] = oracle
-            for name, zs in variants.items():
-                Z = np.full((task.adata.n_obs, model.config.model.n_latent), np.nan, np.float32)
+                variants["oracle: balanced on true labels"] = (oracle, 0, 0.0)
+            for name, (zs, messages, secs) in variants.items():
+                Z = np.full((adata.n_obs, model.config.model.n_latent), np.nan, np.float32)
                 for n, sd in sites.items():
-                    Z[task.adata.obs_names.get_indexer(sd.obs_names)] = zs[n]
+                    Z[adata.obs_names.get_indexer(sd.obs_names)] = zs[n]
                 lisi = compute_lisi(Z, obs)
                 rec = {
                     "dataset": args.dataset,
@@ -139,6 +182,8 @@ def main(argv: list[str]) -> int:
                     "variant": name,
                     "batch_lisi": float(lisi["batch"].mean()),
                     "celltype_lisi": float(lisi["label"].mean()),
+                    "message_rounds": messages,
+                    "balance_seconds_in_process": secs,
                     "train_seconds": train_s,
                     "command": "python benchmarks/balanced_stats.py " + " ".join(argv),
                     "versions": {"scfedvi": __version__, "torch": torch.__version__},
@@ -147,9 +192,9 @@ def main(argv: list[str]) -> int:
                 if args.scib:
                     ev = evaluate(
                         Z,
-                        task.adata.obs,
-                        batch_key=task.batch_key,
-                        label_key=task.label_key,
+                        adata.obs,
+                        batch_key=batch_key,
+                        label_key=label_key,
                         pre=pre,
                         scib=True,
                         fast=False,
@@ -163,13 +208,65 @@ def main(argv: list[str]) -> int:
                         f"{rec['scib: Batch correction']:.3f})"
                     )
                 print(
-                    f"{args.dataset} {n_sites} sites seed {seed} | {name}: batch LISI "
+                    f"{args.dataset} {n_sites} sites seed {seed} | {name} ({messages} message "
+                    f"rounds, {secs:.1f} s in process): batch LISI "
                     f"{rec['batch_lisi']:.3f}, cell-type LISI {rec['celltype_lisi']:.3f}{scib}",
                     flush=True,
                 )
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
     return 0
+
+
+def _simulated(n_sites: int):
+    """The strong trap of ``tests/test_quality.py``: composition 4, one site per batch."""
+    from scfedvi.data import simulate
+
+    return simulate(1500, 1000, n_batches=n_sites, n_cell_types=4, composition=4.0, seed=1)
+
+
+def _trap_config(seed: int):
+    """``tests/test_quality.py``'s run configuration (200 epochs) with the benchmark's seed."""
+    from scfedvi.config import FederationConfig, ModelConfig, RunConfig, TrainConfig
+
+    return RunConfig(
+        model=ModelConfig(),
+        train=TrainConfig(local_epochs=10, n_epochs_kl_warmup=200),
+        federation=FederationConfig(n_rounds=20, seed=seed),
+    )
+
+
+def _old_protocol(workers, params, k: int, iterations: int, rounds: int, seed: int) -> list:
+    """Balancing steps by the protocol before the two-round one (the anchor): per pass, each
+    site's own ``k`` k-means centroids (clusters of at least 10 cells), the coordinator's
+    weighted k-means on them, then ``rounds`` Lloyd message rounds of sums and counts, the last
+    round's centroids and counts being the step. The sites' replies come from the same numpy
+    functions (no policy budget: this runs in the benchmark only)."""
+    from scfedvi.federation.balance import (
+        BalanceStep,
+        cluster_sums,
+        lloyd_update,
+        local_centroids,
+        site_seed,
+        start_centroids,
+    )
+
+    ws = sorted(workers, key=lambda w: w.name)
+    steps: list = []
+    for it in range(iterations):
+        zs = [w.embed(params, steps) for w in ws]
+        replies = [local_centroids(z, k, site_seed(seed, len(steps), i)) for i, z in enumerate(zs)]
+        c = start_centroids(replies, k, seed + it)
+        if c is None:
+            break
+        for r in range(rounds):
+            sums = [cluster_sums(z, c) for z in zs]
+            if r < rounds - 1:
+                c = lloyd_update(c, sums)
+        counts = np.sum([n for _, n in sums], axis=0).astype(np.float64)
+        live = counts > 0
+        steps.append(BalanceStep(c[live], counts[live] / counts.sum()))
+    return steps
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ def test_the_checker_can_fail():
 
 
 def test_every_balancing_reply_is_whitelisted(small_adata, monkeypatch):
-    """In process, every reply a site computes for balancing (its own centroids, then
+    """In process, every reply a site computes for balancing (its local summary, then
     per-cluster sums, with counts) passes the site's own check."""
     import scfedvi.federation.balance as balance
+    import scfedvi.federation.balance_site as balance_site
 
     cfg = RunConfig(
         model=ModelConfig(n_hidden=16, n_latent=3),
@@ -110,22 +111,26 @@ def test_every_balancing_reply_is_whitelisted(small_adata, monkeypatch):
     model = ScFedVI.from_sites(sites, batch_key="batch", n_top_genes=None, config=cfg)
     model.train(progress=False)
     sent = []
-    for name in ("local_centroids", "cluster_sums"):
-        real = getattr(balance, name)
+    for name in ("local_summary", "cluster_sums"):
+        real = getattr(balance_site, name)
 
         def recording(*a, _real=real, _phase=name, **k):
             out = _real(*a, **k)
             sent.append((_phase, out))
             return out
 
-        monkeypatch.setattr(balance, name, recording)
+        monkeypatch.setattr(balance_site, name, recording)
     steps = model.balance_steps()
     assert len(steps) == 2
-    assert [p for p, _ in sent].count("local_centroids") == 2 * 2  # 2 sites x 2 passes
+    assert [p for p, _ in sent].count("local_summary") == 2 * 2  # 2 sites x 2 passes
     assert [p for p, _ in sent].count("cluster_sums") == 2 * 2 * 3  # x 3 rounds
     for phase, (values, counts) in sent:
-        kind = balance.CENTROIDS if phase == "local_centroids" else balance.SUMS
-        check_balance_reply("a", kind, values, counts, n_clusters=8, n_latent=3)
+        kind, rows = (
+            (balance.CENTROIDS, balance.LOCAL_PER_CLUSTER * 8)
+            if phase == "local_summary"
+            else (balance.SUMS, 8)
+        )
+        check_balance_reply("a", kind, values, counts, n_clusters=rows, n_latent=3)
 
 
 def test_the_balancing_checker_can_fail():

@@ -15,8 +15,8 @@ N_CELLS, N_GENES, N_TOP = 450, 60, 40
 ROUNDS = 2
 
 
-#: Balancing message rounds per pass in the Flower tests (each is a message to every site; the
-#: in-process tests cover the Lloyd updates between rounds).
+#: Sums rounds per balancing pass in the Flower tests (the default: a local-summary round and
+#: one sums round, each a message to every site).
 BALANCE_ROUNDS = 1
 
 

@@ -148,7 +148,7 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
     shutil.copy(site_files.paths["site-a"], data)
     node = NodeSettings("site-a", data, tmp_path / "state")
     node.save_schema(schema)
-    cfg = run_config()
+    cfg = run_config(balance_clusters=3, balance_rounds=10)  # room for the cache's queries
     params = get_state(build_module(schema.n_genes, schema.n_batches, cfg.model))
     computed: list[str] = []
     worker = client_app._worker
@@ -159,7 +159,7 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
 
     monkeypatch.setattr(client_app, "_worker", counting_worker)
 
-    def ask(phase, params, steps=(), centroids=None):
+    def ask(phase, params, steps=(), centroids=None, run_id=1):
         content = {
             m.ARRAYS: m.params_to_record(params),
             m.CONFIG: m.round_config(
@@ -170,7 +170,8 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
             content[m.STEPS] = m.params_to_record(steps_to_arrays(list(steps)))
         if centroids is not None:
             content[m.CENTROIDS] = m.params_to_record({m.CENTROIDS: centroids})
-        msg = SimpleNamespace(content=RecordDict(content))  # what the handler reads of a Message
+        # what the handler reads of a Message
+        msg = SimpleNamespace(content=RecordDict(content), metadata=SimpleNamespace(run_id=run_id))
         reply = client_app.balance.__wrapped__(msg, node, cfg, AppSettings())
         return m.record_to_params(reply.array_records[m.CLUSTERS])
 
@@ -187,7 +188,8 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
         for k in ("values", "counts"):
             np.testing.assert_array_equal(got[k], fresh[k])
     step = BalanceStep(centroids.astype(np.float64), np.full(3, 1 / 3))
-    ask(SUMS, params, steps=[step], centroids=centroids)  # new steps
+    ask(CENTROIDS, params, steps=[step])  # new steps (the next pass)
+    ask(SUMS, params, steps=[step], centroids=centroids)
     other = {k: v + 0.01 if v.dtype.kind == "f" else v for k, v in params.items()}
     ask(SUMS, other, steps=[step], centroids=centroids)  # new parameters
     assert computed == ["embedded"] * 4
@@ -201,3 +203,9 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
     data.unlink()  # the site's file is gone: the usual clear error, not a cache hit
     with pytest.raises(SiteDataError, match="site-a"):
         ask(SUMS, other, steps=[step], centroids=centroids)
+    # the site's query budget outlives the message's process: kept per run in its state dir
+    shutil.copy(site_files.paths["site-a"], data)
+    ask(CENTROIDS, params, run_id=2)
+    with pytest.raises(SiteDataError, match=r"site-a.*budget of 1"):
+        ask(CENTROIDS, params, run_id=2)  # one local summary a pass
+    assert (tmp_path / "state" / "site-a.ledger.run2.json").exists()

@@ -3,12 +3,17 @@
 With site-local BatchNorm statistics, each site is centred on its own mix of cell types. A site
 whose mix differs from the others' (on cortex, one site is 74% one class) then has its cell
 types moved towards the federation's average cell. Balancing recomputes each site's statistics
-on a resample of its own cells weighted to the *federation's* composition of latent clusters:
+on a resample of its own cells weighted to the *federation's* composition of latent clusters.
+Each pass takes two message rounds:
 
-1. each site embeds its cells (its own statistics), runs k-means on them and sends its
-   centroids with their counts; the coordinator runs weighted k-means on those to start;
-2. ``rounds`` Lloyd rounds: the coordinator sends the centroids, each site sends its cells'
-   per-cluster sums and counts; the last round's counts give the federation's composition;
+1. each site embeds its cells (its own statistics) and summarises them as a few dozen local
+   k-means centroids (:data:`LOCAL_PER_CLUSTER` per global cluster), each the mean of at least
+   ``min_cluster_cells`` of its cells (smaller local clusters are merged into their nearest
+   kept one), with their counts (:func:`local_summary`); the coordinator runs weighted k-means
+   on all sites' local centroids to get the ``k`` global centroids;
+2. ``rounds`` rounds (default 1): the coordinator sends the centroids, each site sends its
+   cells' per-cluster sums and counts (:func:`cluster_sums`); the sums give the pass's
+   centroids (a Lloyd update) and the counts the federation's composition;
 3. each site weights its cells by the cluster's federation share over its own share,
    recomputes its statistics on a weighted resample of its cells, and embeds them again.
    Steps 1-3 repeat ``iterations`` times, each time on the balanced embedding.
@@ -17,9 +22,11 @@ The result is a list of :class:`BalanceStep` (centroids and composition), saved 
 model: any site, also one that did not train, applies them to its own cells alone
 (:func:`balanced_statistics`), so every site embeds the same way.
 
-What leaves a site: centroids and sums of clusters that hold at least
-:data:`MIN_CLUSTER_CELLS` of its cells (smaller clusters send only their count), and counts;
-no cell and no count matrix. The trained weights do not change.
+What leaves a site: centroids and sums of clusters that hold at least ``min_cluster_cells``
+of its cells (smaller clusters send only their count), and counts; no cell and no count
+matrix. A site answers only within its own :class:`~scfedvi.config.SitePolicy` and query
+budget, in one function both runtimes call (:mod:`scfedvi.federation.balance_site`). The
+trained weights do not change.
 """
 
 from __future__ import annotations
@@ -39,13 +46,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: A site sends a cluster's centroid or sum only if that many of its cells are in it.
+#: The default fewest cells behind a centroid or sum a site sends (its policy may ask more).
 MIN_CLUSTER_CELLS = 10
+#: A site's summary (step 1) holds up to this many local centroids per global cluster.
+LOCAL_PER_CLUSTER = 4
 #: The weighted resample a site computes its statistics on holds this many times its cells.
 OVERSAMPLE = 4
 #: Seed of each site's weighted resample.
 RESAMPLE_SEED = 0
-#: Lloyd iterations of a site's own k-means and of the coordinator's start (step 1).
+#: Lloyd iterations of a site's own k-means and of the coordinator's (step 1).
 LOCAL_KMEANS_ITERATIONS = 50
 #: k-means++ starts of each of them (the best is kept: results vary less with the seed).
 N_INIT = 5
@@ -81,7 +90,7 @@ def steps_from_arrays(arrays: dict[str, np.ndarray]) -> list[BalanceStep]:
     return steps
 
 
-# -- at a site -------------------------------------------------------------------------------
+# -- at a site (numpy only; the policy-checked entry point is balance_site.answer) ----------
 def assign(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Each row's nearest centroid."""
     z = np.asarray(z, dtype=np.float64)
@@ -105,12 +114,13 @@ def _kmeans(
                 x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))]
             )
         c = np.asarray(chosen, dtype=np.float64)
+        xw = x * w[:, None]
         for _ in range(iters):
             a = assign(x, c)
-            for j in range(k):
-                m = a == j
-                if m.any():
-                    c[j] = np.average(x[m], axis=0, weights=w[m])
+            sums, mass = np.zeros_like(c), np.bincount(a, weights=w, minlength=k)
+            np.add.at(sums, a, xw)
+            live = mass > 0
+            c[live] = sums[live] / mass[live, None]
         inertia = float((((x - c[assign(x, c)]) ** 2).sum(1) * w).sum())
         if inertia < best_inertia:
             best, best_inertia = c, inertia
@@ -118,13 +128,40 @@ def _kmeans(
     return best
 
 
-def local_centroids(z: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Step 1 at a site: its own k-means centroids and counts, clusters of at least
-    :data:`MIN_CLUSTER_CELLS` cells only (``(0, d)`` if none)."""
+def local_summary(
+    z: np.ndarray, n_local: int, seed: int, min_cells: int = MIN_CLUSTER_CELLS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1 at a site: up to ``n_local`` k-means centroids of its cells with their counts.
+
+    Every centroid sent is the exact mean of the ``count >= min_cells`` cells it stands for;
+    a smaller local cluster is dropped and its cells go to their nearest kept centroid (so the
+    counts add up to the site's cells). ``(0, d)`` if the site has fewer than ``min_cells``.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if len(z) < max(min_cells, 1):
+        return np.zeros((0, z.shape[1])), np.zeros(0, dtype=np.int64)
+    c = _kmeans(z, np.ones(len(z)), n_local, seed, LOCAL_KMEANS_ITERATIONS, N_INIT)
+    while True:  # drop the smallest cluster until every one holds min_cells cells
+        a = assign(z, c)
+        n = np.bincount(a, minlength=len(c))
+        if n.min() >= min_cells:
+            break
+        c = np.delete(c, int(n.argmin()), axis=0)
+    sums = np.zeros_like(c)
+    np.add.at(sums, a, z)
+    return sums / n[:, None], n.astype(np.int64)
+
+
+def local_centroids(
+    z: np.ndarray, k: int, seed: int, min_cells: int = MIN_CLUSTER_CELLS
+) -> tuple[np.ndarray, np.ndarray]:
+    """The protocol before 2026-12 (step 1 of 1 + 10 message rounds): a site's own ``k``
+    k-means centroids and counts, clusters of at least ``min_cells`` cells only (``(0, d)``
+    if none). Kept for ``benchmarks/balanced_stats.py --old``."""
     z = np.asarray(z, dtype=np.float64)
     c = _kmeans(z, np.ones(len(z)), k, seed, LOCAL_KMEANS_ITERATIONS, N_INIT)
     n = np.bincount(assign(z, c), minlength=len(c))
-    keep = n >= MIN_CLUSTER_CELLS
+    keep = n >= min_cells
     return c[keep], n[keep].astype(np.int64)
 
 
@@ -134,15 +171,17 @@ def site_seed(seed: int, n_steps: int, index: int) -> int:
     return seed + 1000 * n_steps + index
 
 
-def cluster_sums(z: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cluster_sums(
+    z: np.ndarray, centroids: np.ndarray, min_cells: int = MIN_CLUSTER_CELLS
+) -> tuple[np.ndarray, np.ndarray]:
     """Step 2 at a site: per-cluster sums of its cells (zero for clusters of fewer than
-    :data:`MIN_CLUSTER_CELLS` of them) and per-cluster counts (all)."""
+    ``min_cells`` of them) and per-cluster counts (all)."""
     z = np.asarray(z, dtype=np.float64)
     a = assign(z, centroids)
     counts = np.bincount(a, minlength=len(centroids)).astype(np.int64)
     sums = np.zeros_like(centroids, dtype=np.float64)
     np.add.at(sums, a, z)
-    sums[counts < MIN_CLUSTER_CELLS] = 0.0
+    sums[counts < min_cells] = 0.0
     return sums, counts
 
 
@@ -182,8 +221,8 @@ def balanced_statistics(
 def start_centroids(
     replies: Sequence[tuple[np.ndarray, np.ndarray]], k: int, seed: int
 ) -> np.ndarray | None:
-    """Weighted k-means over the sites' own centroids (step 1); ``None`` if no site has a
-    cluster of :data:`MIN_CLUSTER_CELLS` cells."""
+    """Weighted k-means over the sites' local centroids (step 1); ``None`` if no site sent
+    one."""
     points = np.concatenate([np.asarray(c, dtype=np.float64) for c, _ in replies])
     counts = np.concatenate([np.asarray(n, dtype=np.float64) for _, n in replies])
     if len(points) == 0:
@@ -202,9 +241,11 @@ def _total(arrays: Sequence[np.ndarray]) -> np.ndarray:
 def lloyd_update(
     centroids: np.ndarray, replies: Sequence[tuple[np.ndarray, np.ndarray]]
 ) -> np.ndarray:
-    """The centroids from the sites' sums and counts (clusters without a sum keep theirs)."""
+    """The centroids from the sites' sums and counts. A site's count enters a cluster's mean
+    only where it sent that cluster's sum (a row that is not all zero: the site's policy may
+    hold back sums of more than 10 cells); clusters without a sum keep their centroid."""
     sums = _total([np.asarray(s, dtype=np.float64) for s, _ in replies])
-    summed = _total([np.where(np.asarray(n) >= MIN_CLUSTER_CELLS, n, 0) for _, n in replies])
+    summed = _total([np.where(np.any(np.asarray(s) != 0, axis=1), n, 0) for s, n in replies])
     out = centroids.copy()
     live = summed > 0
     out[live] = sums[live] / summed[live, None]
@@ -219,10 +260,13 @@ CENTROIDS, SUMS = "centroids", "sums"
 def run_balance(
     ask: Ask, n_clusters: int, iterations: int, rounds: int, seed: int
 ) -> list[BalanceStep]:
-    """The coordinator's side of balancing, the same in every runtime.
+    """The coordinator's side of balancing, the same in every runtime: ``1 + rounds``
+    message rounds per pass.
 
-    ``ask(CENTROIDS, steps, None)`` gets each site's :func:`local_centroids` of its cells
-    embedded with ``steps``; ``ask(SUMS, steps, centroids)`` their :func:`cluster_sums`.
+    ``ask(CENTROIDS, steps, None)`` gets each site's :func:`local_summary` of its cells
+    embedded with ``steps``; ``ask(SUMS, steps, centroids)`` their :func:`cluster_sums`. Each
+    sums round moves the centroids to the means it reports; the last one's counts are the
+    pass's composition.
     """
     if n_clusters < 1 or iterations < 1 or rounds < 1:
         raise ValueError(
@@ -241,11 +285,10 @@ def run_balance(
             )
             return steps
         centroids = start
-        for r in range(rounds):
+        for _ in range(rounds):
             replies = ask(SUMS, steps, centroids)
-            if r < rounds - 1:
-                centroids = lloyd_update(centroids, replies)
-        counts = _total([np.asarray(n, dtype=np.float64) for _, n in replies])
+            counts = _total([np.asarray(n, dtype=np.float64) for _, n in replies])
+            centroids = lloyd_update(centroids, replies)
         live = counts > 0
         steps.append(BalanceStep(centroids[live], counts[live] / counts.sum()))
     return steps
@@ -255,22 +298,48 @@ def balance_in_process(
     workers: Sequence[SiteWorker], params: dict[str, np.ndarray], config: RunConfig
 ) -> list[BalanceStep]:
     """:func:`run_balance` over site workers in one process (the Flower app's algorithm and
-    site order: sorted by name); each site embeds once per pass."""
+    site order: sorted by name); each site embeds once per pass and answers through
+    :func:`scfedvi.federation.balance_site.answer` under its own policy (``worker.policy``)
+    and a fresh query budget. As over Flower, a site that refuses is left out of the rest of
+    the balancing, with a warning."""
+    from scfedvi.federation.balance_site import answer, new_ledger
+    from scfedvi.privacy.policy import PolicyRefusal
+
     k, fc = config.balance_clusters, config.federation
     if not k:
         return []
     workers = sorted(workers, key=lambda w: w.name)
-    cache: dict[int, list[np.ndarray]] = {}
+    index = {w.name: i for i, w in enumerate(workers)}
+    ledger, failed = new_ledger(), set()
+    cache: dict[int, dict[str, np.ndarray]] = {}
 
     def ask(phase: str, steps: list[BalanceStep], centroids: np.ndarray | None) -> list:
+        live = [w for w in workers if w.name not in failed]
         if len(steps) not in cache:
             cache.clear()
-            cache[len(steps)] = [w.embed(params, steps) for w in workers]
-        zs = cache[len(steps)]
-        if phase == CENTROIDS:
-            return [
-                local_centroids(z, k, site_seed(fc.seed, len(steps), i)) for i, z in enumerate(zs)
-            ]
-        return [cluster_sums(z, centroids) for z in zs]  # type: ignore[arg-type]
+            cache[len(steps)] = {w.name: w.embed(params, steps) for w in live}
+        replies = []
+        for w in live:
+            try:
+                replies.append(
+                    answer(
+                        w.name,
+                        cache[len(steps)][w.name],
+                        config,
+                        phase=phase,
+                        n_clusters=k,
+                        seed=site_seed(fc.seed, len(steps), index[w.name]),
+                        n_steps=len(steps),
+                        centroids=centroids,
+                        ledger=ledger,
+                        policy=getattr(w, "policy", None),
+                    )
+                )
+            except PolicyRefusal as e:
+                failed.add(w.name)
+                log.warning("balancing: site %r dropped: %s", w.name, e)
+        if not replies:
+            raise RuntimeError(f"balancing: no site answered ({sorted(failed)} refused)")
+        return replies
 
     return run_balance(ask, k, fc.balance_iterations, fc.balance_rounds, fc.seed)

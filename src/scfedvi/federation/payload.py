@@ -5,8 +5,8 @@ A site sends (1) its harmonization summary (gene names, cells per batch, per-gen
 SCAFFOLD, control-variate deltas of the same shapes), its cell count, its cells per batch and
 scalar metrics (:data:`METRIC_KEYS`: means over its cells, including the validation loss on its
 held-out cells), (3) after training, for balanced statistics: cluster centroids or sums in
-the latent space, of clusters holding at least ``MIN_CLUSTER_CELLS`` of its cells, and
-per-cluster counts. Nothing with a cell dimension, no cell name, no label per cell.
+the latent space, of clusters holding at least ``MIN_CLUSTER_CELLS`` (or the site policy's
+``min_cluster_cells``) of its cells, and per-cluster counts. Nothing with a cell dimension, no cell name, no label per cell.
 """
 
 from __future__ import annotations
@@ -110,12 +110,16 @@ def check_balance_reply(
     *,
     n_clusters: int,
     n_latent: int,
+    min_cells: int | None = None,
 ) -> None:
-    """Check a site's balancing reply: centroids (``phase="centroids"``) or per-cluster sums
-    (``"sums"``) with their counts; nothing from a cluster of fewer than
-    :data:`~scfedvi.federation.balance.MIN_CLUSTER_CELLS` cells but its count."""
+    """Check a site's balancing reply: its local summary (``phase="centroids"``: at most
+    ``n_clusters`` centroids, each of at least ``min_cells`` cells) or per-cluster sums
+    (``"sums"``: nothing from a cluster of fewer than ``min_cells`` cells but its count), with
+    their counts. ``min_cells`` defaults to
+    :data:`~scfedvi.federation.balance.MIN_CLUSTER_CELLS` (a site's policy may ask more)."""
     from scfedvi.federation.balance import CENTROIDS, MIN_CLUSTER_CELLS, SUMS
 
+    least = MIN_CLUSTER_CELLS if min_cells is None else int(min_cells)
     where = f"site {site!r}, balancing ({phase})"
     values, counts = np.asarray(values), np.asarray(counts)
     if phase not in (CENTROIDS, SUMS):
@@ -127,8 +131,10 @@ def check_balance_reply(
         )
     if counts.shape != (len(values),) or not np.issubdtype(counts.dtype, np.integer):
         raise PayloadViolation(f"{where}: counts must be one integer per cluster")
-    small = counts < MIN_CLUSTER_CELLS
+    if not np.isfinite(values).all():
+        raise PayloadViolation(f"{where}: values that are not finite")
+    small = counts < least
     if phase == CENTROIDS and small.any():
-        raise PayloadViolation(f"{where}: a centroid of fewer than {MIN_CLUSTER_CELLS} cells")
+        raise PayloadViolation(f"{where}: a centroid of fewer than {least} cells")
     if phase == SUMS and np.any(values[small] != 0):
-        raise PayloadViolation(f"{where}: a sum over fewer than {MIN_CLUSTER_CELLS} cells")
+        raise PayloadViolation(f"{where}: a sum over fewer than {least} cells")

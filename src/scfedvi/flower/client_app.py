@@ -191,19 +191,17 @@ def _steps(msg: Message) -> list:
 @app.query("balance")
 @site_handler
 def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
-    """Balancing: embed with the steps so far; send cluster centroids or sums, and counts.
+    """Balancing: embed with the steps so far; send the local summary or the sums, and counts,
+    through :func:`scfedvi.federation.balance_site.answer` (the site's policy and its query
+    budget for this run, kept in ``state-dir``; the same function as in process).
 
     The embedding is the same in every message of a pass (same parameters, same steps): the
     first computes it and keeps it in the site's state folder, keyed by everything it depends
     on; the next ones read it back without importing torch or reading the data.
     """
-    from scfedvi.federation.balance import (
-        CENTROIDS,
-        cluster_sums,
-        local_centroids,
-        steps_from_arrays,
-    )
-    from scfedvi.federation.payload import check_balance_reply
+    from scfedvi.federation.balance import steps_from_arrays
+    from scfedvi.federation.balance_site import answer
+    from scfedvi.privacy.policy import QueryLedger, ledger_path
 
     c = msg.content.config_records[m.CONFIG]
     arrays = {
@@ -211,22 +209,30 @@ def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
         for name in (m.ARRAYS, m.STEPS)
         if name in msg.content.array_records
     }
+    steps = steps_from_arrays(arrays.get(m.STEPS, {}))
     key = node.embedding_key(str(c[SCHEMA_HASH]), cfg.to_dict(), arrays)
     z = node.load_embedding(key)
     if z is None:
         worker, _, _, sch = _worker(msg, node, cfg)
-        z = worker.embed(arrays[m.ARRAYS], steps_from_arrays(arrays.get(m.STEPS, {})))
+        z = worker.embed(arrays[m.ARRAYS], steps)
         if key is not None:
             node.save_embedding(key, z)
     else:
         sch = node.load_schema(str(c[SCHEMA_HASH]))
-    phase, k = str(c[m.PHASE]), int(c[m.N_CLUSTERS])  # type: ignore[arg-type]
-    if phase == CENTROIDS:
-        values, counts = local_centroids(z, k, int(c[m.SEED]))  # type: ignore[arg-type]
-    else:
-        centroids = m.record_to_params(msg.content.array_records[m.CENTROIDS])[m.CENTROIDS]
-        values, counts = cluster_sums(z, centroids)
-    check_balance_reply(node.site, phase, values, counts, n_clusters=k, n_latent=z.shape[1])
+    phase = str(c[m.PHASE])
+    rec = msg.content.array_records.get(m.CENTROIDS)
+    values, counts = answer(
+        node.site,
+        z,
+        cfg,
+        phase=phase,
+        n_clusters=int(c[m.N_CLUSTERS]),  # type: ignore[arg-type]
+        seed=int(c[m.SEED]),  # type: ignore[arg-type]
+        n_steps=len(steps),
+        centroids=None if rec is None else m.record_to_params(rec).get(m.CENTROIDS),
+        ledger=QueryLedger(ledger_path(node.state_dir, node.site, msg.metadata.run_id)),
+        policy=getattr(node, "policy", None),  # the site's own (site_handler), or the default
+    )
     rd = {m.CLUSTERS: m.params_to_record({"values": values, "counts": counts})}
     extra = {m.SITE: node.site, m.PHASE: phase}
     return RecordDict({**rd, m.CONFIG: m.round_config(sch.hash, int(c[m.ROUND]), **extra)})  # type: ignore[arg-type]
