@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from scfedvi._constants import LATENT_KEY
-from scfedvi.config import RunConfig
+from scfedvi.config import RunConfig, SitePolicy
 from scfedvi.data.harmonize import harmonize
 from scfedvi.data.schema import FederationSchema, SiteData, project
 
@@ -57,8 +57,11 @@ class ScFedVI:
         sites: Mapping[str, ad.AnnData] | None = None,
         *,
         layer: str | None = None,
+        policy: SitePolicy | Mapping[str, SitePolicy] | None = None,
     ) -> None:
         self.schema = schema
+        #: the sites' privacy policy (:class:`~scfedvi.config.SitePolicy`; one, or per site)
+        self.policy = policy
         self.config = config or RunConfig()
         self.sites: dict[str, ad.AnnData] = dict(sites or {})
         self.layer = layer
@@ -92,6 +95,7 @@ class ScFedVI:
         n_top_genes: int | None = 2000,
         min_sites_per_gene: int | None = None,
         config: RunConfig | None = None,
+        policy: SitePolicy | Mapping[str, SitePolicy] | None = None,
     ) -> ScFedVI:
         """Harmonize the sites from their summaries alone, fix the schema, project each site.
 
@@ -111,6 +115,12 @@ class ScFedVI:
             Highly variable genes to keep (seurat_v3 over the sites' batches); ``None``: all.
         min_sites_per_gene
             Keep genes present at this many sites (zero-filled elsewhere); default: all sites.
+        config
+            The run's configuration.
+        policy
+            What each simulated site agrees to answer (:class:`~scfedvi.config.SitePolicy`):
+            one for every site or ``{site: policy}``; default ``SitePolicy()``. ``label_key``
+            is the sites' own label key and is allowed implicitly.
         """
         if isinstance(sites, ad.AnnData):
             sites = _split(sites, split_key)
@@ -125,9 +135,10 @@ class ScFedVI:
             min_sites=min_sites_per_gene,
             label_key=label_key,
             layer=layer,
+            policy=policy,
         )
         cfg = config or RunConfig()
-        return cls(schema, cfg, sites, layer=layer)
+        return cls(schema, cfg, sites, layer=layer, policy=policy)
 
     # -- training ----------------------------------------------------------------------------
     def train(
@@ -206,9 +217,11 @@ class ScFedVI:
 
     def _workers(self):
         from scfedvi.federation.site import SiteWorker
+        from scfedvi.privacy.policy import site_policy
 
+        g, b = self.schema.n_genes, self.schema.n_batches
         return [
-            SiteWorker(n, _tensors(sd), self.schema.n_genes, self.schema.n_batches, self.config)
+            SiteWorker(n, _tensors(sd), g, b, self.config, policy=site_policy(self.policy, n))
             for n, sd in self._site_data.items()
         ]
 

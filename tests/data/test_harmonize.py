@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
+from scfedvi.config import SitePolicy
 from scfedvi.data import (
     SchemaMismatchError,
     SiteDataError,
@@ -25,6 +26,7 @@ from scfedvi.data import (
     site_summary,
     split_by_groups,
 )
+from scfedvi.data.harmonize import pooled_moments
 
 sc = pytest.importorskip("scanpy")
 
@@ -95,17 +97,28 @@ def test_batches_spanning_sites_need_pooled_clip_values(sim):
         hvg_table(summaries, n_top_genes=50)
     clips = batch_clip_values(summaries)
     assert sorted(clips) == ["batch-0", "batch-1", "batch-2"]
-    summaries = _summaries(sites, "batch", clip_values=clips)
+    pooled = pooled_moments(summaries)  # the sites fit their clip values on these themselves
+    summaries = _summaries(sites, "batch", clip_values=clips, pooled=pooled)
     ours, ref = hvg_table(summaries, n_top_genes=50), _scanpy(sim, 50, "batch")
     _assert_same_table(ours, ref)
     schema = harmonize(sites, batch_key="batch", n_top_genes=50)
     assert schema.genes == tuple(ref.index[ref["highly_variable"]])
-    # a site holding a sliver of a shared batch (too few cells for its own loess fit)
+    # a site holding a sliver of a shared batch (too few cells for its own loess fit), under
+    # a policy that summarises batches of 2 cells or more
     sliver = {"big": sim[3:].copy(), "tiny": sim[:3].copy()}
+    two = SitePolicy(min_batch_cells=2)
     with pytest.raises(SiteDataError, match="loess fit failed"):
-        site_summary(sliver["tiny"], site="tiny", batch_key="batch")
-    schema = harmonize(sliver, batch_key="batch", n_top_genes=50)
+        site_summary(sliver["tiny"], site="tiny", batch_key="batch", policy=two)
+    schema = harmonize(sliver, batch_key="batch", n_top_genes=50, policy=two)
     assert schema.genes == tuple(ref.index[ref["highly_variable"]])
+    # the default policy never summarises the sliver: it is counted (in the schema's batches),
+    # and the genes are selected from the big site's summaries alone
+    tiny = site_summary(sliver["tiny"], site="tiny", batch_key="batch")
+    assert sum(tiny.batch_counts.values()) == 3 and tiny.stats == {}
+    schema = harmonize(sliver, batch_key="batch", n_top_genes=50)
+    big = _scanpy(sliver["big"], 50, "batch")
+    assert schema.genes == tuple(big.index[big["highly_variable"]])
+    assert set(tiny.batch_counts) <= set(schema.batches)
 
 
 def test_min_sites_zero_fills_like_a_pooled_matrix(sim):
@@ -169,17 +182,22 @@ def test_summary_has_no_cell_level_values(sim):
             np.testing.assert_array_equal(v, summary.stats[b][k])
 
 
-def test_single_cell_batch_is_refused(sim):
+def test_small_batches_are_counted_not_summarised(sim):
     site = sim[:5].copy()
     site.obs["batch"] = pd.Categorical(["x", "x", "x", "x", "y"])
-    with pytest.raises(SiteDataError, match=r"site 'lab-a': obs\['batch'\] value 'y' has 1 cell"):
-        site_summary(site, site="lab-a", batch_key="batch")
+    s = site_summary(site, site="lab-a", batch_key="batch")  # default: >= 10 cells
+    assert s.batch_counts == {"x": 4, "y": 1} and s.stats == {}
+    with pytest.raises(SchemaMismatchError, match="no site summarised any batch"):
+        build_schema([s], batch_key="batch", n_top_genes=2)
+    assert build_schema([s], batch_key="batch", n_top_genes=None).batches == ("x", "y")
     site.obs["batch"] = "x"
     with pytest.raises(
         SiteDataError,
         match=r"site 'lab-a': obs\['batch'\] value 'x': the seurat_v3 loess fit failed",
     ):
-        site_summary(site[:3].copy(), site="lab-a", batch_key="batch")
+        site_summary(
+            site[:3].copy(), site="lab-a", batch_key="batch", policy=SitePolicy(min_batch_cells=2)
+        )
 
 
 @pytest.mark.parametrize("n_top", [500, 1000])

@@ -7,11 +7,17 @@ The protocol (each step sends only per-gene or per-batch aggregates):
 2. each site sends :func:`site_summary` over the universe: per batch, the cell count and
    per-gene sums, sums of squares, loess fit and clipped sums (scanpy's seurat_v3 terms);
    for batches held by several sites (``pooled_batches=``) only the sums and sums of squares;
-3. only when a batch is held by several sites: the coordinator sends
-   :func:`batch_clip_values` (from the pooled per-gene moments) and those sites recompute
-   their summary with ``clip_values=``;
+3. only when a batch is held by several sites: the coordinator sends the pooled moments
+   (:func:`pooled_moments`) and :func:`batch_clip_values` fitted on them, and those sites
+   check the moments contain their own share, fit the clip values themselves and recompute
+   their summary (``pooled=``, ``clip_values=``);
 4. the coordinator calls :func:`build_schema`, which reproduces
    ``scanpy.pp.highly_variable_genes(pooled, flavor="seurat_v3", batch_key=...)``.
+
+Each site answers within its :class:`~scfedvi.config.SitePolicy`: a batch with fewer cells
+than ``min_batch_cells`` at a site is counted but not summarised (it is in the schema, and gene
+selection uses the batches that were summarised), the label key must be allowed, clip values
+are accepted only with pooled moments, and a site answers one summary pass per run.
 
 :func:`harmonize` runs the whole protocol in one process.
 """
@@ -43,6 +49,7 @@ __all__ = [
     "gene_universe",
     "harmonize",
     "hvg_table",
+    "pooled_moments",
     "shared_batches",
     "site_batches",
     "site_genes",
@@ -51,6 +58,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+    from scfedvi.config import SitePolicy
+    from scfedvi.privacy.policy import PooledBatch
 
 
 def gene_universe(
@@ -90,16 +100,17 @@ def gene_universe(
 
 
 def shared_batches(summaries: Sequence[SiteSummary]) -> dict[str, list[str]]:
-    """Return ``{batch: [sites]}`` for the batches held by more than one site."""
+    """Return ``{batch: [sites]}`` for the batches summarised by more than one site (a site's
+    batch too small for its policy is counted but not summarised, so it is not shared)."""
     holders: dict[str, list[str]] = {}
     for s in summaries:
-        for b in s.batch_counts:
+        for b in s.stats:
             holders.setdefault(b, []).append(s.site)
     return {b: sites for b, sites in sorted(holders.items()) if len(sites) > 1}
 
 
 def _pooled(summaries: Sequence[SiteSummary], batch: str) -> tuple[int, np.ndarray, np.ndarray]:
-    parts = [s for s in summaries if batch in s.batch_counts]
+    parts = [s for s in summaries if batch in s.stats]
     n = sum(s.batch_counts[batch] for s in parts)
     sums = np.sum([s.stats[batch]["sum"] for s in parts], axis=0)
     sums_sq = np.sum([s.stats[batch]["sum_sq"] for s in parts], axis=0)
@@ -118,6 +129,15 @@ def batch_clip_values(
     for b in shared_batches(summaries):
         out[b] = _hvg.loess_fit(*_pooled(summaries, b), span)[2].tolist()
     return out
+
+
+def pooled_moments(summaries: Sequence[SiteSummary]) -> dict[str, PooledBatch]:
+    """Coordinator, phase 3: the pooled cell count, per-gene sums and sums of squares of every
+    batch summarised by several sites. Sent with (or instead of) :func:`batch_clip_values`: a
+    site fits its clip values on them itself after checking they contain its own share."""
+    from scfedvi.privacy.policy import PooledBatch
+
+    return {b: PooledBatch(*_pooled(summaries, b)) for b in shared_batches(summaries)}
 
 
 def _check_genes(summaries: Sequence[SiteSummary]) -> tuple[str, ...]:
@@ -141,11 +161,24 @@ def hvg_table(
     summaries only, indexed by the universe genes in universe order."""
     genes = _check_genes(summaries)
     shared = shared_batches(summaries)
-    batches = sorted({b for s in summaries for b in s.batch_counts})
+    batches = sorted({b for s in summaries for b in s.stats})
+    if not batches:
+        small = sorted(
+            {
+                f"{b!r} at {s.site!r} ({n} cells)"
+                for s in summaries
+                for b, n in s.batch_counts.items()
+            }
+        )
+        raise SchemaMismatchError(
+            "no site summarised any batch: each batch is smaller than its site's "
+            f"SitePolicy.min_batch_cells ({', '.join(small[:5])}); merge small batches, "
+            "or pass n_top_genes=None to keep every universe gene"
+        )
     norm_vars = []
     for b in batches:
         n, sums, sums_sq = _pooled(summaries, b)
-        parts = [s for s in summaries if b in s.batch_counts]
+        parts = [s for s in summaries if b in s.stats]
         if b in shared:
             mean, reg_std, clip = _hvg.loess_fit(n, sums, sums_sq, span)
             stale = [s.site for s in parts if not np.array_equal(s.stats[b]["clip"], clip)]
@@ -162,7 +195,7 @@ def hvg_table(
         s2 = np.sum([s.stats[b]["clipped_sum_sq"] for s in parts], axis=0)
         norm_vars.append(_hvg.normalized_variance(n, mean, reg_std, s1, s2))
     df = _hvg.rank_genes(np.vstack(norm_vars), genes, n_top_genes)
-    n_all = sum(s.batch_counts[b] for s in summaries for b in s.batch_counts)
+    n_all = sum(s.batch_counts[b] for s in summaries for b in s.stats)
     tot_sum = np.sum([st["sum"] for s in summaries for st in s.stats.values()], axis=0)
     tot_sq = np.sum([st["sum_sq"] for s in summaries for st in s.stats.values()], axis=0)
     means, variances = _hvg.mean_var(n_all, tot_sum, tot_sq)
@@ -233,12 +266,14 @@ def harmonize(
     label_key: str | None = None,
     labels: Sequence[str] | None = None,
     layer: str | None = None,
+    policy: SitePolicy | Mapping[str, SitePolicy] | None = None,
 ) -> FederationSchema:
     """Run the harmonization protocol in one process over ``{site: AnnData}``.
 
     Each site's data is read only by the site-side functions; the coordinator side sees the
     summaries only. Parameters are those of :func:`gene_universe`, :func:`site_summary` and
-    :func:`build_schema`.
+    :func:`build_schema`; ``policy`` is every site's :class:`~scfedvi.config.SitePolicy` (or
+    one per site; default ``SitePolicy()``), with ``label_key`` as the sites' own label key.
     """
     universe = gene_universe([site_genes(a, site=s) for s, a in sites.items()], min_sites)
     held: dict[str, list[str]] = {}
@@ -248,12 +283,27 @@ def harmonize(
     shared = {b for b, holders in held.items() if len(holders) > 1}
     kw: dict[str, Any] = {"batch_key": batch_key, "genes": universe, "layer": layer}
     kw["label_key"] = label_key
-    summaries = [site_summary(a, site=s, pooled_batches=shared, **kw) for s, a in sites.items()]
-    if shared:
-        clips = batch_clip_values(summaries)
+    from scfedvi.privacy.policy import QueryLedger, site_policy
+
+    ledger = QueryLedger()  # each site's query budget for this run
+    pol = {s: site_policy(policy, s).allowing_label_key(label_key) for s in sites}
+    summaries = [
+        site_summary(a, site=s, pooled_batches=shared, policy=pol[s], ledger=ledger, **kw)
+        for s, a in sites.items()
+    ]
+    if shared:  # those sites fit the pooled moments of the batches summarised by several
+        pooled, clips = pooled_moments(summaries), batch_clip_values(summaries)
         summaries = [
-            site_summary(sites[x.site], site=x.site, clip_values=clips, **kw)
-            if set(x.batch_counts) & shared
+            site_summary(
+                sites[x.site],
+                site=x.site,
+                pooled={b: pooled[b] for b in x.stats if b in pooled},
+                clip_values={b: clips[b] for b in x.stats if b in clips},
+                policy=pol[x.site],
+                ledger=ledger,
+                **kw,
+            )
+            if set(x.stats) & shared
             else x
             for x in summaries
         ]

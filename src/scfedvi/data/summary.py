@@ -22,6 +22,9 @@ from scfedvi.data.validate import (
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from scfedvi.config import SitePolicy
+    from scfedvi.privacy.policy import PooledBatch, QueryLedger
+
 #: Per-gene vectors of one batch in a :class:`SiteSummary`.
 BATCH_FIELDS = ("sum", "sum_sq", "reg_std", "clip", "clipped_sum", "clipped_sum_sq")
 
@@ -41,8 +44,9 @@ class SiteSummary:
     stats
         ``stats[batch][name]`` for ``name`` in :data:`BATCH_FIELDS`: float64 vectors over
         ``genes``. ``reg_std`` and ``clip`` come from the loess fit on this site's cells of the
-        batch; for a batch that spans sites ``clip`` is the coordinator's and ``reg_std`` is
-        zero (unused: the coordinator fits the pooled batch).
+        batch; for a batch that spans sites ``clip`` is fitted on the pooled moments and
+        ``reg_std`` is zero (unused: the coordinator fits the pooled batch). A batch with fewer
+        cells than the site's ``SitePolicy.min_batch_cells`` has a count but no statistics.
     labels
         Label categories seen at the site (sorted), when a label key was given.
     """
@@ -105,6 +109,9 @@ def site_summary(
     clip_values: Mapping[str, Sequence[float]] | None = None,
     pooled_batches: Collection[str] = (),
     span: float = _hvg.LOESS_SPAN,
+    policy: SitePolicy | None = None,
+    pooled: Mapping[str, PooledBatch] | None = None,
+    ledger: QueryLedger | None = None,
 ) -> SiteSummary:
     """Phase 2 at a site: per-batch, per-gene statistics for seurat_v3 gene selection.
 
@@ -122,16 +129,33 @@ def site_summary(
     layer
         Layer with raw counts (``None``: ``X``).
     label_key
-        Optional label column; its categories are reported (no counts).
+        Optional label column; its categories are reported (no counts). It must be allowed by
+        ``policy`` (``SitePolicy.allowed_label_keys``).
     clip_values
         Per batch, the clip values sent by the coordinator (:func:`batch_clip_values`) for
-        batches held by several sites; other batches are fitted locally.
+        batches held by several sites; other batches are fitted locally. Accepted only with
+        the batch's ``pooled`` moments, and only if equal to the site's own fit of them.
     pooled_batches
         Batches known to be held by several sites (see :func:`site_batches`): only their
         moments are computed (no local fit, zero clipped sums) until ``clip_values`` come.
     span
         Loess span (scanpy's default 0.3).
+    policy
+        The site's :class:`~scfedvi.config.SitePolicy`, checked before anything is computed
+        (:func:`scfedvi.privacy.policy.check_summary`). ``None``: the default policy with
+        ``label_key`` allowed (a direct call is the site's own). Batches with fewer than
+        ``policy.min_batch_cells`` cells are counted but never summarised.
+    pooled
+        Per batch held by several sites, the coordinator's pooled moments
+        (:func:`pooled_moments`): the site checks that they contain its own share, then fits
+        the clip values on them itself.
+    ledger
+        The site's query budget for the run (``policy.summary_passes`` passes: one query
+        without, one with pooled moments); ``None``: not counted.
     """
+    from scfedvi.config import SitePolicy
+    from scfedvi.privacy.policy import check_pooled_batch, check_summary, refuse
+
     p = site_prefix(site)
     genes = site_genes(adata, site=site) if genes is None else tuple(genes)
     check_obs_column(adata, batch_key, site=site, role="batch_key")
@@ -143,18 +167,36 @@ def site_summary(
     counts: dict[str, int] = {}
     stats: dict[str, dict[str, np.ndarray]] = {}
     uniq, sizes = np.unique(batches, return_counts=True)
-    if sizes.min() < 2:
-        b, n = uniq[sizes.argmin()], sizes.min()
-        raise SiteDataError(
-            f"{p}obs[{batch_key!r}] value {b!r} has {n} cell; gene selection needs at "
-            "least 2 cells per batch: merge this batch into another or drop the cell"
-        )
+    policy = SitePolicy().allowing_label_key(label_key) if policy is None else policy
+    held = {str(b): int(n) for b, n in zip(uniq, sizes, strict=True)}
+    pooled_arg, pooled = pooled, dict(pooled or {})
+    kept = check_summary(policy, site or "?", label_key, clip_values, held, pooled)
+    if ledger is not None:
+        kind = "summary" if pooled_arg is None and clip_values is None else "summary-pooled"
+        ledger.spend(site or "?", kind, policy.summary_passes)
     for b in uniq:
+        counts[str(b)] = int(held[str(b)])
+        if b not in kept:  # too few cells: counted, never summarised
+            continue
         xb = x[batches == b]
         n, sums, sums_sq = _hvg.moments(xb)
         zeros = np.zeros(len(genes))
-        if clip_values is not None and b in clip_values:  # batch spans sites: pooled fit
-            reg_std, clip = zeros, np.asarray(clip_values[b], dtype=np.float64)
+        if b in pooled:  # batch spans sites: the site fits the pooled moments itself
+            check_pooled_batch(policy, site or "?", str(b), sums, sums_sq, pooled[b])
+            pb = pooled[b]
+            clip = _hvg.loess_fit(int(pb.n), np.asarray(pb.sums), np.asarray(pb.sums_sq), span)[2]
+            sent = None if clip_values is None else clip_values.get(b)
+            if sent is not None and (
+                np.shape(sent) != clip.shape or not np.allclose(sent, clip, rtol=1e-9, atol=0)
+            ):
+                raise refuse(
+                    str(site),
+                    f"the clip values sent for batch {b!r} are not the loess fit of the pooled "
+                    "moments sent with them",
+                    "the coordinator must send batch_clip_values() of the same summaries (or "
+                    "only the pooled moments)",
+                )
+            reg_std = zeros
             s1, s2 = _hvg.clipped_sums(xb, clip)
         elif b in pooled_batches:  # moments only; clip values come from the coordinator
             reg_std = clip = s1 = s2 = zeros
@@ -168,7 +210,6 @@ def site_summary(
                     "batches, or, if other sites hold this batch, pass pooled_batches="
                 ) from e
             s1, s2 = _hvg.clipped_sums(xb, clip)
-        counts[str(b)] = n
         stats[str(b)] = dict(zip(BATCH_FIELDS, (sums, sums_sq, reg_std, clip, s1, s2), strict=True))
     labels = None
     if label_key is not None:

@@ -39,13 +39,24 @@ Handler = Callable[[Message, NodeSettings, RunConfig, AppSettings], RecordDict]
 
 
 def site_handler(fn: Handler) -> Callable[[Message, Context], Message]:
-    """Parse the configs, run ``fn``; a :class:`SiteDataError` becomes a clear error reply."""
+    """Parse the configs and the site's own policy, run ``fn``; a :class:`SiteDataError`
+    (a :class:`~scfedvi.privacy.policy.PolicyRefusal` too) becomes a clear error reply.
+
+    The site's :class:`~scfedvi.config.SitePolicy` comes from its node config only
+    (:func:`~scfedvi.privacy.policy.policy_from_node_config`: ``policy-file`` and/or
+    individual keys), never from the run config; handlers find it as ``node.policy``.
+    """
 
     @functools.wraps(fn)
     def wrapper(msg: Message, context: Context) -> Message:
+        from scfedvi.privacy.policy import policy_from_node_config
+
         cfg, settings = run_config_from_flower(context.run_config)
         try:
             node = NodeSettings.from_configs(context.node_config, settings)
+            # the site's policy travels with its node settings (NodeSettings has no field
+            # for it; a frozen dataclass without slots takes the attribute)
+            object.__setattr__(node, "policy", policy_from_node_config(context.node_config))
             return Message(fn(msg, node, cfg, settings), reply_to=msg)
         except SiteDataError as e:
             log.error("%s", e)
@@ -78,11 +89,13 @@ def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
 
     adata = node.read(app_.batch_key)
     universe = tuple(str(g) for g in msg.content.config_records[m.CONFIG]["genes"])  # type: ignore[union-attr]
-    clips = None
-    if m.STATS in msg.content:
+    clips = pooled = None
+    if m.STATS in msg.content:  # the second pass: pooled moments, clip values fitted on them
         clips = {
             b: v.tolist() for b, v in m.record_to_params(msg.content.array_records[m.STATS]).items()
         }
+        rec = msg.content.array_records.get(m.POOLED)
+        pooled = {} if rec is None else m.record_to_pooled(rec)
     s = site_summary(
         adata,
         site=node.site,
@@ -91,6 +104,9 @@ def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
         layer=node.layer_or(app_.layer),
         label_key=app_.label_key or None,
         clip_values=clips,
+        pooled=pooled,
+        policy=node.policy,  # type: ignore[attr-defined]
+        ledger=_ledger(msg, node),
     )
     check_summary(s.to_dict(), adata.n_obs, site=node.site)  # the site's own whitelist check
     cfg_rec, arrays = m.summary_to_records(s)
@@ -110,6 +126,15 @@ def schema(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) 
     node.project(sch, cfg.train.batch_size)  # raises a SiteDataError naming the field and fix
     node.save_schema(sch)
     return RecordDict({m.CONFIG: _config(**{m.SITE: node.site, SCHEMA_HASH: sch.hash})})
+
+
+def _ledger(msg: Message, node: NodeSettings):
+    """The site's query budget for this Flower run, kept in its state folder (in memory for
+    a message without Flower's metadata: a test calling a handler directly)."""
+    from scfedvi.privacy.policy import QueryLedger, ledger_path
+
+    run_id = getattr(getattr(msg, "metadata", None), "run_id", None)
+    return QueryLedger(None if run_id is None else ledger_path(node.state_dir, node.site, run_id))
 
 
 def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
@@ -136,7 +161,17 @@ def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
     # only the final embedding writes the site's whole AnnData back (with the latent space)
     embedding = getattr(getattr(msg, "metadata", None), "message_type", "") == m.EMBED
     adata = node.read(sch.batch_key) if embedding else None
-    return SiteWorker(node.site, tensors, sch.n_genes, sch.n_batches, cfg), adata, sd, sch
+    policy = getattr(node, "policy", None)
+    worker = SiteWorker(
+        node.site,
+        tensors,
+        sch.n_genes,
+        sch.n_batches,
+        cfg,
+        policy=policy,
+        ledger=_ledger(msg, node),
+    )
+    return worker, adata, sd, sch
 
 
 @app.train()

@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from scfedvi._constants import NUM_EXAMPLES, SCHEMA_HASH
 from scfedvi.data.harmonize import BATCH_FIELDS, SiteSummary
+from scfedvi.privacy.policy import PooledBatch
 
 #: Message types (``<category>.<action>``) of the protocol, in the order they are used.
 GENES = "query.genes"  # setup 1: the site's gene names
@@ -27,6 +28,8 @@ EMBED = "query.embed"  # final: the site embeds its cells locally, returns a cou
 ARRAYS, CONTROL, CONFIG, METRICS, STATS = "arrays", "control", "config", "metrics", "stats"
 #: Balancing: the steps so far, the coordinator's centroids, a site's cluster reply.
 STEPS, CENTROIDS, CLUSTERS = "balance-steps", "centroids", "clusters"
+#: Setup: the pooled moments of the batches held by several sites (with their clip values).
+POOLED = "pooled"
 
 ROUND = "round"
 SITE = "site"
@@ -83,7 +86,8 @@ def round_config(
 def summary_to_records(s: SiteSummary) -> tuple[ConfigRecord, ArrayRecord]:
     """A :class:`SiteSummary` as (names and counts, per-batch per-gene vectors).
 
-    Batch ``i`` (in ``batches`` order) has arrays ``"<i>/<field>"``; the gene names are not
+    Batch ``i`` (in ``batches`` order) has arrays ``"<i>/<field>"``, unless the site did not
+    summarise it (too few cells for its policy: a count only); the gene names are not
     repeated (they are the universe the server sent).
     """
     batches = list(s.batch_counts)
@@ -93,6 +97,7 @@ def summary_to_records(s: SiteSummary) -> tuple[ConfigRecord, ArrayRecord]:
     arrays = {
         f"{i}/{f}": np.asarray(s.stats[b][f], dtype=np.float64)
         for i, b in enumerate(batches)
+        if b in s.stats
         for f in BATCH_FIELDS
     }
     return ConfigRecord(cfg), params_to_record(arrays)
@@ -105,7 +110,11 @@ def records_to_summary(
     batches = [str(b) for b in cfg["batches"]]  # type: ignore[union-attr]
     counts = [int(n) for n in cfg["counts"]]  # type: ignore[union-attr]
     p = record_to_params(arrays)
-    stats = {b: {f: p[f"{i}/{f}"] for f in BATCH_FIELDS} for i, b in enumerate(batches)}
+    stats = {
+        b: {f: p[f"{i}/{f}"] for f in BATCH_FIELDS}
+        for i, b in enumerate(batches)
+        if f"{i}/{BATCH_FIELDS[0]}" in p
+    }
     labels = cfg.get("labels")
     return SiteSummary(
         site=str(cfg[SITE]),
@@ -114,3 +123,20 @@ def records_to_summary(
         stats=stats,
         labels=None if labels is None else tuple(str(x) for x in labels),  # type: ignore[union-attr]
     )
+
+
+def pooled_to_record(pooled: Mapping[str, PooledBatch]) -> ArrayRecord:
+    """Pooled moments per batch as arrays ``"<field>/<batch>"`` (``n``, ``sums``, ``sums_sq``)."""
+    out: dict[str, np.ndarray] = {}
+    for b, pb in pooled.items():
+        out[f"n/{b}"] = np.asarray([pb.n], dtype=np.int64)
+        out[f"sums/{b}"] = np.asarray(pb.sums, dtype=np.float64)
+        out[f"sums_sq/{b}"] = np.asarray(pb.sums_sq, dtype=np.float64)
+    return params_to_record(out)
+
+
+def record_to_pooled(record: ArrayRecord) -> dict[str, PooledBatch]:
+    """Inverse of :func:`pooled_to_record`."""
+    p = record_to_params(record)
+    batches = [k.split("/", 1)[1] for k in p if k.startswith("n/")]
+    return {b: PooledBatch(int(p[f"n/{b}"][0]), p[f"sums/{b}"], p[f"sums_sq/{b}"]) for b in batches}

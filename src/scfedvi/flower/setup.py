@@ -19,6 +19,7 @@ from scfedvi.data.harmonize import (
     batch_clip_values,
     build_schema,
     gene_universe,
+    pooled_moments,
 )
 from scfedvi.data.schema import FederationSchema
 from scfedvi.flower import messages as m
@@ -77,8 +78,10 @@ def harmonize(
         content = {}
         for n in targets:
             rd = RecordDict({m.CONFIG: ConfigRecord({"genes": list(universe)})})
-            if clips:
-                rd[m.STATS] = m.params_to_record({b: _arr(v) for b, v in clips.items()})
+            if clips is not None:  # the second pass: only the batches this site summarised
+                own = [b for b in summaries[n].stats if b in clips]
+                rd[m.STATS] = m.params_to_record({b: _arr(clips[b]) for b in own})
+                rd[m.POOLED] = m.pooled_to_record({b: pooled[b] for b in own})
             content[n] = rd
         r = ex.ask(content, m.SUMMARY, t)
         ok = {n: sites[n] for n in r.ok}
@@ -90,10 +93,13 @@ def harmonize(
             for n, x in r.ok.items()
         }
 
-    summaries: dict[int, SiteSummary] = ask_summaries(order, None)
-    clips = batch_clip_values([summaries[n] for n in sorted(summaries, key=lambda n: sites[n])])
-    if clips:  # batches held by several sites: those sites recompute with pooled clip values
-        again = [n for n, s in summaries.items() if set(s.batch_counts) & set(clips)]
+    summaries: dict[int, SiteSummary] = {}
+    summaries = ask_summaries(order, None)
+    by_site = [summaries[n] for n in sorted(summaries, key=lambda n: sites[n])]
+    clips = batch_clip_values(by_site)
+    if clips:  # batches summarised by several sites: those sites fit their pooled moments
+        pooled = pooled_moments(by_site)
+        again = [n for n, s in summaries.items() if set(s.stats) & set(clips)]
         summaries.update(ask_summaries(again, clips))
     kept = sorted(summaries, key=lambda n: sites[n])
     schema = build_schema(

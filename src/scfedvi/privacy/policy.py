@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import tomllib
@@ -28,6 +29,8 @@ import numpy as np
 from scfedvi.config import RunConfig, SitePolicy
 from scfedvi.data.errors import SiteDataError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "PolicyRefusal",
     "PooledBatch",
@@ -39,6 +42,8 @@ __all__ = [
     "ledger_path",
     "n_train_cells",
     "policy_from_node_config",
+    "refuse",
+    "site_policy",
 ]
 
 
@@ -50,8 +55,11 @@ class PolicyRefusal(SiteDataError):
     """
 
 
-def _refuse(site: str, what: str, fix: str) -> PolicyRefusal:
-    return PolicyRefusal(f"site {site!r} refuses: {what}; {fix}")
+def refuse(site: str, what: str, fix: str) -> PolicyRefusal:
+    """The refusal, logged at the site with its reason."""
+    e = PolicyRefusal(f"site {site!r} refuses: {what}; {fix}")
+    log.warning("%s", e)
+    return e
 
 
 def n_train_cells(n_cells: int, train_size: float) -> int:
@@ -64,7 +72,7 @@ def _in_range(
 ) -> None:
     lo, hi = getattr(policy, field)
     if not lo <= float(value) <= hi:
-        raise _refuse(
+        raise refuse(
             site,
             f"{setting}={value!r} is outside its policy's range [{lo:g}, {hi:g}]",
             f"the coordinator must use {what} in that range (or the site widens "
@@ -75,7 +83,7 @@ def _in_range(
 def _at_most(policy: SitePolicy, site: str, setting: str, value: int, field: str) -> None:
     bound = getattr(policy, field)
     if value > bound:
-        raise _refuse(
+        raise refuse(
             site,
             f"{setting}={value} is above its policy's maximum {bound}",
             f"the coordinator must ask for at most {bound} (or the site raises SitePolicy.{field})",
@@ -107,7 +115,7 @@ def check_training(
     """
     t, mdl = config.train, config.model
     if n_train_cells < policy.min_train_cells:
-        raise _refuse(
+        raise refuse(
             site,
             f"train.train_size={t.train_size!r} leaves {n_train_cells} training cells, fewer "
             f"than its policy's minimum {policy.min_train_cells}",
@@ -115,7 +123,7 @@ def check_training(
             "SitePolicy.min_train_cells)",
         )
     if t.batch_size < policy.min_batch_size:
-        raise _refuse(
+        raise refuse(
             site,
             f"train.batch_size={t.batch_size} is below its policy's minimum "
             f"{policy.min_batch_size}",
@@ -133,7 +141,7 @@ def check_training(
         _at_most(policy, site, "train.local_epochs", t.local_epochs, "max_local_epochs")
     _at_most(policy, site, "federation.n_rounds", config.federation.n_rounds, "max_rounds")
     if round_idx >= policy.max_rounds:
-        raise _refuse(
+        raise refuse(
             site,
             f"round {round_idx} is beyond its policy's {policy.max_rounds} rounds per run",
             "start a new run (or the site raises SitePolicy.max_rounds)",
@@ -144,7 +152,7 @@ def check_training(
     ):
         allowed = getattr(policy, field)
         if value not in allowed:
-            raise _refuse(
+            raise refuse(
                 site,
                 f"{setting}={value!r} is not among its policy's {list(allowed)}",
                 f"the coordinator must use one of those (or the site adds it to SitePolicy.{field})",
@@ -193,7 +201,7 @@ def check_summary(
     are summarised.
     """
     if label_key is not None and label_key not in policy.allowed_label_keys:
-        raise _refuse(
+        raise refuse(
             site,
             f"label_key={label_key!r} is not among its policy's allowed label keys "
             f"{list(policy.allowed_label_keys)}",
@@ -204,13 +212,13 @@ def check_summary(
     shared = shared_batches or {}
     for b in clip_values or {}:
         if b not in batch_counts:
-            raise _refuse(
+            raise refuse(
                 site,
                 f"clip values were sent for batch {b!r}, which it does not hold",
                 "the coordinator must send clip values only for a site's own shared batches",
             )
         if b not in shared:
-            raise _refuse(
+            raise refuse(
                 site,
                 f"clip values were sent for batch {b!r} without the pooled moments showing "
                 "another site holds it",
@@ -218,7 +226,7 @@ def check_summary(
                 "with their pooled moments (a site fits its own batches itself)",
             )
         if b not in kept:
-            raise _refuse(
+            raise refuse(
                 site,
                 f"clip values were sent for batch {b!r}, which has fewer than "
                 f"min_batch_cells={policy.min_batch_cells} cells here and is never summarised",
@@ -226,7 +234,7 @@ def check_summary(
             )
         extra = int(shared[b].n) - int(batch_counts[b])
         if extra < policy.min_batch_cells:
-            raise _refuse(
+            raise refuse(
                 site,
                 f"the pooled batch {b!r} has {shared[b].n} cells, {extra} besides this site's "
                 f"{batch_counts[b]}: fewer than min_batch_cells={policy.min_batch_cells} from "
@@ -253,7 +261,7 @@ def check_pooled_batch(
     ):
         tot = np.asarray(tot, dtype=np.float64)
         if tot.shape != np.shape(own) or np.any(tot < np.asarray(own) * (1 - tol) - tol):
-            raise _refuse(
+            raise refuse(
                 site,
                 f"the pooled {name} of batch {batch!r} do not contain its own (a gene's pooled "
                 "value is below the site's, or the length differs)",
@@ -301,7 +309,7 @@ class QueryLedger:
         n = self.counts.get(k, 0) + 1
         if n > limit:
             label = f"{kind} ({key})" if key else kind
-            raise _refuse(
+            raise refuse(
                 site,
                 f"query {n} of kind {label!r} exceeds its policy's budget of {limit} per run",
                 "start a new run (or the site raises the matching SitePolicy budget)",
@@ -312,6 +320,21 @@ class QueryLedger:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.counts, sort_keys=True))
             os.replace(tmp, self.path)
+
+
+def site_policy(policy: SitePolicy | Mapping[str, SitePolicy] | None, site: str) -> SitePolicy:
+    """The policy of ``site`` from one policy for every site, one per site, or ``None``
+    (the default :class:`SitePolicy`)."""
+    if policy is None:
+        return SitePolicy()
+    if isinstance(policy, SitePolicy):
+        return policy
+    if site not in policy:
+        raise ValueError(
+            f"no SitePolicy for site {site!r} (policies for {sorted(policy)}); give every site "
+            "a policy, or one SitePolicy for all"
+        )
+    return policy[site]
 
 
 def ledger_path(state_dir: str | os.PathLike, site: str, run_id: int | str) -> Path:
