@@ -58,6 +58,8 @@ def test_train_and_embed_on_files(tmp_path, site_files, capsys):
             "0",
             "--rounds",
             "2",
+            "--local-epochs",  # 2 x 20 epochs (--rounds alone splits the default 400 in 2)
+            "20",
             "--batch-size",
             "64",
             "--out",
@@ -204,3 +206,25 @@ def test_benchmark_and_flower_commands_are_wired(tmp_path, small_adata, capsys):
     assert main(["flower", str(tmp_path / "app")]) == 0
     assert "[tool.flwr.app.components]" in (tmp_path / "app" / "pyproject.toml").read_text()
     assert main(["flower", str(tmp_path / "app")]) == 2  # never overwritten without --overwrite
+
+
+def test_train_prints_and_stores_the_schedule(tmp_path, site_files, capsys):
+    """--max-epochs/--rounds/--n-jobs/--accelerator reach the run; the schedule is printed
+    and written to summary.json."""
+    import json
+
+    pa, pb = site_files
+    out = tmp_path / "run"
+    args = ["train", "--site", f"lab-a={pa}", "--site", f"lab-b={pb}", "--batch-key", "batch"]
+    args += ["--n-top-genes", "0", "--batch-size", "32", "--out", str(out), "--no-progress"]
+    args += ["--max-epochs", "4", "--rounds", "2", "--n-jobs", "2", "--accelerator", "cpu"]
+    rc = main(args)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "schedule: 4 epochs = 2 rounds x 2 local epochs per site (max_epochs" in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schedule"]["local_epochs"] == 2 and summary["rounds_trained"] == 2
+    assert summary["config"]["federation"]["n_jobs"] == 2
+    assert summary["config"]["train"]["accelerator"] == "cpu"
+    rc = main([*args[:-8], "--early-stopping", "--patience", "0", "--overwrite"])
+    assert rc == 2 and "early_stopping_patience must be >= 1" in capsys.readouterr().err

@@ -24,9 +24,45 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--local-epochs",
         type=int,
         default=None,
-        help="epochs over a site's training cells per round (default: 20; demo 5)",
+        help="epochs over a site's training cells per round (default: the schedule that "
+        "follows the data, 20 below 20,000 training cells; demo 5)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the whole run (default: 0)")
+
+
+def _add_scale_options(p: argparse.ArgumentParser) -> None:
+    """Schedule, early stopping, parallel sites and device (defaults: RunConfig's)."""
+    g = p.add_argument_group("schedule and hardware (docs/scale.md)")
+    g.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="total epochs, split into --rounds (default: scvi-tools' rule, "
+        "min(400, round(20000 / training cells x 400)))",
+    )
+    g.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="stop when the sites' validation loss stops improving (--patience rounds)",
+    )
+    g.add_argument(
+        "--patience", type=int, default=None, help="with --early-stopping: rounds (default: 5)"
+    )
+    g.add_argument(
+        "--n-jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes training sites at the same time (default: the free cores; "
+        "1: one site after the other)",
+    )
+    g.add_argument(
+        "--accelerator",
+        choices=["cpu", "gpu", "cuda", "auto"],
+        default=None,
+        help="where sites train (default: auto, a CUDA GPU when torch sees one)",
+    )
+    g.add_argument("--device", default=None, help="with a GPU: its index (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_run_options(t)
+    _add_scale_options(t)
 
     e = sub.add_parser(
         "embed",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -79,6 +80,15 @@ def train(args: argparse.Namespace) -> int:
     cfg = RunConfig()
     fed = cfg.federation
     fed = replace(fed, seed=args.seed, n_rounds=args.rounds or fed.n_rounds)
+    fed = replace(
+        fed,
+        max_epochs=args.max_epochs,
+        early_stopping=args.early_stopping,
+        early_stopping_patience=fed.early_stopping_patience
+        if args.patience is None
+        else args.patience,
+        n_jobs=args.n_jobs,
+    )
     if args.norm_stats:
         fed = replace(fed, norm_stats=args.norm_stats)
     if args.no_batch_owned:
@@ -87,6 +97,8 @@ def train(args: argparse.Namespace) -> int:
         cfg.train,
         local_epochs=args.local_epochs or cfg.train.local_epochs,
         batch_size=args.batch_size,
+        accelerator=args.accelerator or cfg.train.accelerator,
+        device=args.device or cfg.train.device,
     )
     cfg = replace(cfg, federation=fed, train=tr)
     if args.dp_clip is not None:
@@ -125,10 +137,18 @@ def train(args: argparse.Namespace) -> int:
     )
     print(f"{model}: {', '.join(f'{n} ({a.n_obs} cells)' for n, a in model.sites.items())}")
     model.train(checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress)
+    print(model.schedule.describe() + ("; stopped early" if model.early_stopped else ""))
     model.embed_sites()
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model", overwrite=args.overwrite)
     model.history.to_csv(out / "history.csv", index=False)
+    summary = {
+        "schedule": model.schedule.to_dict(),
+        "early_stopped": model.early_stopped,
+        "rounds_trained": int(model.history["round"].max()) + 1,
+        "config": model.config.to_dict(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     for name, target in zip(model.sites, targets, strict=True):
         model.sites[name].write_h5ad(target)
     print(

@@ -154,7 +154,8 @@ class FederationConfig:
         In-process runtime: worker processes training sites at the same time (each with one
         torch thread and a fixed subset of the sites, same results as one after the other).
         ``None`` (default): the free cores (``len(os.sched_getaffinity(0))``), at most one per
-        site; ``1``: one after the other in this process.
+        site, or one after the other below 1,000 training cells (where starting workers
+        costs more than it saves); ``1``: one after the other in this process.
     norm_stats
         Whose statistics BatchNorm uses: ``"local"`` (each site trains and embeds with its own
         statistics; they never leave it), ``"global"`` (every site trains and embeds with the

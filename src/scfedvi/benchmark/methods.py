@@ -237,7 +237,7 @@ def run_scfedvi(task: Task, settings: dict[str, Any]) -> MethodResult:
             seconds += balance_seconds
         Z = _embed_all(model, task)
         nbytes, steps = _comm(model.history, r)
-        epochs = r * cfg.train.local_epochs
+        epochs = r * model.schedule.epochs / model.schedule.rounds  # the resolved schedule
         curve.append(
             {
                 "round": r,
@@ -256,8 +256,8 @@ def run_scfedvi(task: Task, settings: dict[str, Any]) -> MethodResult:
         curve=curve,
         info={
             "rounds": n_rounds,
-            "local_epochs": cfg.train.local_epochs,
-            "epochs": n_rounds * cfg.train.local_epochs,
+            "local_epochs": model.schedule.local_epochs,
+            "epochs": model.schedule.epochs,
             "balance_seconds": balance_seconds,
             "balance_clusters": [len(st.composition) for st in model.balance_steps()],
             "n_genes": model.schema.n_genes,

@@ -26,6 +26,7 @@ from scfedvi._constants import LATENT_KEY, SCHEMA_HASH
 from scfedvi.config import RunConfig
 from scfedvi.data.errors import SchemaMismatchError, SiteDataError
 from scfedvi.flower import messages as m
+from scfedvi.flower.device import node_device
 from scfedvi.flower.node import NodeSettings
 from scfedvi.flower.settings import AppSettings, run_config_from_flower
 
@@ -53,6 +54,7 @@ def site_handler(fn: Handler) -> Callable[[Message, Context], Message]:
 
         cfg, settings = run_config_from_flower(context.run_config)
         try:
+            cfg = node_device(cfg, context.node_config)  # the site's own device
             node = NodeSettings.from_configs(context.node_config, settings)
             # the site's policy travels with its node settings (NodeSettings has no field
             # for it; a frozen dataclass without slots takes the attribute)
@@ -123,9 +125,12 @@ def schema(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) 
     sch = FederationSchema.from_json(str(c["schema"]))
     if sch.hash != c[SCHEMA_HASH]:
         raise SchemaMismatchError(f"site {node.site!r}: the schema does not match its hash")
-    node.project(sch, cfg.train.batch_size)  # raises a SiteDataError naming the field and fix
+    _, sd = node.project(sch, cfg.train.batch_size)  # a SiteDataError names the field and fix
     node.save_schema(sch)
-    return RecordDict({m.CONFIG: _config(**{m.SITE: node.site, SCHEMA_HASH: sch.hash})})
+    n_cells = int(sd.X.shape[0])  # the schedule's input (also each round's update weight)
+    return RecordDict(
+        {m.CONFIG: _config(**{m.SITE: node.site, SCHEMA_HASH: sch.hash, m.N_CELLS: n_cells})}
+    )
 
 
 def _ledger(msg: Message, node: NodeSettings):
@@ -191,7 +196,7 @@ def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
     params = m.record_to_params(msg.content.array_records[m.ARRAYS])
     rec = msg.content.array_records.get(m.CONTROL)
     control = None if rec is None else m.record_to_params(rec)
-    upd = worker.fit(params, r, control)
+    upd = worker.fit(params, r, control, m.config_to_work(msg.content.config_records[m.CONFIG]))
     check_update(  # the site's own whitelist check before anything leaves it
         upd,
         {k: v.shape for k, v in params.items()},

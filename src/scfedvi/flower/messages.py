@@ -38,6 +38,25 @@ N_EMBEDDED = "n-embedded"
 PHASE = "phase"
 N_CLUSTERS = "n-clusters"
 SEED = "seed"
+#: Training: the site's local work this round, from the coordinator's schedule.
+LOCAL_EPOCHS, LOCAL_STEPS = "local-epochs", "local-steps"
+#: Setup: the site's number of cells (the schedule follows the federation's cells).
+N_CELLS = "n-cells"
+
+
+def work_to_config(work: tuple[int | None, int | None]) -> dict[str, int]:
+    """A site's ``(local_epochs, local_steps)`` as round-config entries."""
+    epochs, steps = work
+    return {LOCAL_STEPS: int(steps)} if steps is not None else {LOCAL_EPOCHS: int(epochs or 0)}
+
+
+def config_to_work(config: Mapping) -> tuple[int | None, int | None] | None:
+    """Inverse of :func:`work_to_config` (``None``: the message carries no schedule)."""
+    if LOCAL_STEPS in config:
+        return None, int(config[LOCAL_STEPS])
+    if LOCAL_EPOCHS in config:
+        return int(config[LOCAL_EPOCHS]), None
+    return None
 
 
 def params_to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -8,7 +8,7 @@ held by several sites), then the schema, which every site checks against its dat
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
@@ -39,6 +39,8 @@ class Federation:
 
     schema: FederationSchema
     sites: dict[int, str]
+    #: site -> its number of cells (reported with the schema check; the schedule's input)
+    n_cells: dict[str, int] = field(default_factory=dict)
 
 
 def _check_enough(ok: dict[int, str], failed: dict[int, str], need: int, step: str) -> None:
@@ -124,8 +126,9 @@ def _arr(v: list[float]) -> np.ndarray:
 
 def deliver(
     ex: Exchange, schema: FederationSchema, nodes: set[int], app: AppSettings, min_sites: int
-) -> dict[int, str]:
-    """Send the schema; each site checks that its data fits and keeps it. Returns node -> site."""
+) -> tuple[dict[int, str], dict[str, int]]:
+    """Send the schema; each site checks that its data fits and keeps it. Returns node ->
+    site and site -> number of cells."""
     content = {
         n: RecordDict(
             {m.CONFIG: ConfigRecord({"schema": schema.to_json(), SCHEMA_HASH: schema.hash})}
@@ -135,7 +138,10 @@ def deliver(
     res = ex.ask(content, m.SCHEMA, app.setup_timeout)
     sites = {n: str(r.content.config_records[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
     _check_enough(sites, res.failed, min_sites, "schema")
-    return sites
+    return sites, {
+        sites[n]: int(r.content.config_records[m.CONFIG].get(m.N_CELLS, 0))  # type: ignore[arg-type]
+        for n, r in res.ok.items()
+    }
 
 
 def setup(
@@ -155,5 +161,5 @@ def setup(
     if schema is None:
         schema, sites = harmonize(ex, nodes, app, min_sites)
         nodes = set(sites)
-    sites = deliver(ex, schema, nodes, app, min_sites)
-    return Federation(schema, sites)
+    sites, n_cells = deliver(ex, schema, nodes, app, min_sites)
+    return Federation(schema, sites, n_cells)
