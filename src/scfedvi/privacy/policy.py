@@ -210,11 +210,11 @@ def check_summary(
         )
     kept = tuple(sorted(b for b, n in batch_counts.items() if n >= policy.min_batch_cells))
     shared = shared_batches or {}
-    for b in clip_values or {}:
+    for b in sorted({*(clip_values or {}), *shared}):
         if b not in batch_counts:
             raise refuse(
                 site,
-                f"clip values were sent for batch {b!r}, which it does not hold",
+                f"clip values or pooled moments were sent for batch {b!r}, which it does not hold",
                 "the coordinator must send clip values only for a site's own shared batches",
             )
         if b not in shared:
@@ -228,7 +228,7 @@ def check_summary(
         if b not in kept:
             raise refuse(
                 site,
-                f"clip values were sent for batch {b!r}, which has fewer than "
+                f"clip values or pooled moments were sent for batch {b!r}, which has fewer than "
                 f"min_batch_cells={policy.min_batch_cells} cells here and is never summarised",
                 "the coordinator must leave this site's part of the batch out",
             )
