@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip scvi-tools run with scfedvi's oneDNN route for float32 products "
         "(scfedvi.train.matmul), which tells how much of the ratio is the matmul backend",
     )
+    p.add_argument(
+        "--accelerator",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="where both methods train (gpu: scfedvi's TrainConfig.accelerator and scvi-tools' "
+        "accelerator; benchmarks/gpu_check.sh)",
+    )
     p.add_argument("--out", default="benchmark-out/bench_training.json")
     return p.parse_args(argv)
 
@@ -131,7 +138,12 @@ def run_ours(adata: Any, batch_key: str, args: argparse.Namespace) -> dict[str, 
     batch_index = adata.obs[batch_key].astype(str).map({str(c): i for i, c in enumerate(cats)})
     data = SiteTensors(adata.X, batch_index.to_numpy())
     model_cfg = ModelConfig(n_hidden=args.n_hidden, n_latent=args.n_latent)
-    train_cfg = TrainConfig(batch_size=args.batch_size, local_epochs=1, train_size=1.0)
+    train_cfg = TrainConfig(
+        batch_size=args.batch_size,
+        local_epochs=1,
+        train_size=1.0,
+        accelerator=getattr(args, "accelerator", "cpu"),
+    )
     torch.manual_seed(args.seed)
     module = build_module(data.X.shape[1], len(cats), model_cfg)
     params = get_state(module)
@@ -219,7 +231,7 @@ def run_scvi(adata: Any, batch_key: str, args: argparse.Namespace) -> dict[str, 
     t1 = time.perf_counter()
     model.train(
         max_epochs=args.epochs,
-        accelerator="cpu",
+        accelerator=getattr(args, "accelerator", "cpu"),
         devices=1,
         train_size=1.0,
         batch_size=args.batch_size,
