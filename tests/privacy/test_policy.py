@@ -260,3 +260,19 @@ def test_flower_train_handler_refuses_the_extraction_settings(flower_site):
         _context(node_config | {"min-train-cells": 1}, lr=1e8, norm="none", batch_size=32),
     )
     assert reply.has_error() and "train.lr=100000000.0 is outside" in reply.error.reason
+
+
+def test_the_guides_table_of_defaults_is_sitepolicys():
+    import dataclasses
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "privacy.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+        for line in text.splitlines()
+        if line.startswith("| `")
+    }
+    defaults = SitePolicy()
+    assert set(rows) == {f.name for f in dataclasses.fields(SitePolicy)}
+    for name, shown in rows.items():
+        assert shown == str(getattr(defaults, name)), name
