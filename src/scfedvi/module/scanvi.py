@@ -12,6 +12,7 @@ labelled cells contributes the classifier's cross-entropy, weighted by
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,11 @@ class SCANVAE(VAE):
     """
 
     semi_supervised = True
+    #: The loss hook of federated training: an iterator of labelled minibatches ``(x, batch,
+    #: y)`` that a site sets for a round (:class:`scfedvi.annotate.site.LabelledStream`).
+    #: In training mode, :meth:`loss` called without ``labelled`` draws the next one, so the
+    #: generic local update trains scANVI as scvi-tools' semi-supervised data loader does.
+    labelled_stream: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def __init__(
         self,
@@ -152,7 +158,7 @@ class SCANVAE(VAE):
         return nn.functional.cross_entropy(self.classify(x, batch_index), y.reshape(-1).long())
 
     # -- the ELBO ----------------------------------------------------------------------------
-    def loss(  # type: ignore[override]
+    def loss(
         self,
         x: torch.Tensor,
         batch_index: torch.Tensor,
@@ -163,6 +169,8 @@ class SCANVAE(VAE):
     ) -> ScanviLossOutput:
         """scvi-tools' ``SCANVAE.loss``: the ELBO with ``y`` marginalized for every cell, plus
         ``classification_ratio`` times the cross-entropy on ``labelled = (x, batch, y)``."""
+        if labelled is None and self.training and self.labelled_stream is not None:
+            labelled = tuple(t.to(x.device) for t in next(self.labelled_stream))  # type: ignore[assignment]
         inf = self.inference(x, batch_index)
         gen = self.generative(inf["z"], inf["library"], batch_index)
         rec = self.reconstruction_loss(x, gen, nonzero)
@@ -191,7 +199,7 @@ class SCANVAE(VAE):
             loss = loss + ce * ratio
         return ScanviLossOutput(loss=loss, reconstruction=rec, kl_local=kl, classification_loss=ce)
 
-    forward = loss  # type: ignore[assignment]
+    forward = loss
 
     @torch.no_grad()
     def predict_proba(self, z: torch.Tensor) -> torch.Tensor:

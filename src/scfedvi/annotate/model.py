@@ -1,0 +1,426 @@
+"""ScFedANVI: federated scANVI over the sites of a trained scFedVI model (the user API).
+
+As scvi-tools' ``SCANVI.from_scvi_model``: the scANVI model starts from the trained scVI
+weights (new layers freshly initialised) and is trained by the same federated rounds as scFedVI
+(batch-owned averaging, site-local statistics, balancing for the embedding, DP where enabled),
+with the semi-supervised loss at every site. Each site predicts its own cells' labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from scfedvi.annotate.site import AnnotateSite, LabelledSiteTensors
+from scfedvi.config import RunConfig
+from scfedvi.data.errors import SchemaMismatchError
+from scfedvi.data.labels import harmonize_labels, site_label_counts
+from scfedvi.data.schema import FederationSchema, SiteData, project
+from scfedvi.module.scanvi import SCANVAE, label_layer_keys
+from scfedvi.train.params import Params, batch_owned_columns, get_state, set_state, shared_keys
+
+log = logging.getLogger(__name__)
+LATENT_KEY, LABEL_KEY, CONFIDENCE_KEY = (
+    "X_scFedANVI",
+    "scfedvi_label",
+    "scfedvi_label_confidence",
+)
+MODEL_FILE, SCHEMA_FILE, CONFIG_FILE, HISTORY_FILE, BALANCE_FILE = (
+    "model.npz",
+    "schema.json",
+    "annotate.json",
+    "history.csv",
+    "balance.npz",
+)
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """Settings of federated scANVI (on top of the scFedVI run's :class:`RunConfig`).
+
+    Parameters
+    ----------
+    unlabeled_category
+        The label value of unlabelled cells (scvi-tools' ``unlabeled_category``).
+    classification_ratio
+        Weight of the classifier's cross-entropy (scvi-tools: 50).
+    linear_classifier
+        A linear classifier instead of scvi-tools' one-hidden-layer MLP.
+    n_rounds, local_epochs
+        Federated rounds and local epochs per round: 5 x 2 = 10 epochs, scvi-tools' epochs for
+        a scANVI model initialised from a trained scVI model on fewer than 20,000 cells
+        (``min(10, max(2, round(max_epochs_heuristic / 3)))``).
+    confidence_threshold
+        Cells whose top label probability is below this get ``unlabeled_category`` in
+        ``obs['scfedvi_label']`` (their probability is still written): a cell type that no site
+        labelled is not given a label it does not have.
+    """
+
+    unlabeled_category: str = "Unknown"
+    classification_ratio: float = 50.0
+    linear_classifier: bool = False
+    n_rounds: int = 5
+    local_epochs: int = 2
+    confidence_threshold: float = 0.5
+
+
+class ScFedANVI:
+    """Federated scANVI: build it with :meth:`from_scfedvi`, :meth:`train`, :meth:`predict`.
+
+    Parameters
+    ----------
+    schema
+        The federation schema with labels: the known labels, then the unlabelled category.
+    config
+        The scFedVI run's configuration (architecture, local training, federation).
+    annotate
+        The scANVI settings.
+    sites
+        Site name -> AnnData (in-process sites; empty for a loaded model).
+    layer
+        Layer with raw counts.
+    """
+
+    def __init__(
+        self,
+        schema: FederationSchema,
+        config: RunConfig,
+        annotate: AnnotateConfig | None = None,
+        sites: Mapping[str, ad.AnnData] | None = None,
+        *,
+        layer: str | None = None,
+    ) -> None:
+        self.annotate = annotate or AnnotateConfig()
+        if schema.labels is None or schema.labels[-1] != self.annotate.unlabeled_category:
+            raise ValueError(
+                "ScFedANVI: the schema's labels must end with the unlabelled category "
+                f"{self.annotate.unlabeled_category!r}; build the model with "
+                "ScFedANVI.from_scfedvi"
+            )
+        self.schema, self.config, self.layer = schema, config, layer
+        self.labels: tuple[str, ...] = schema.labels[:-1]
+        self.sites: dict[str, ad.AnnData] = dict(sites or {})
+        self.params: Params | None = None
+        self.init_params: Params | None = None
+        self.history = pd.DataFrame()
+        self._balance: list[Any] = []
+        self._site_data: dict[str, SiteData] = {
+            n: project(a, schema, site=n, layer=layer, batch_size=config.train.batch_size)
+            for n, a in self.sites.items()
+        }
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.labels)
+
+    # -- set-up ------------------------------------------------------------------------------
+    @classmethod
+    def from_scfedvi(
+        cls,
+        model: Any,
+        *,
+        label_key: str | None = None,
+        unlabeled_category: str = "Unknown",
+        sites: Mapping[str, ad.AnnData] | None = None,
+        annotate: AnnotateConfig | None = None,
+    ) -> ScFedANVI:
+        """scANVI initialised from a trained :class:`~scfedvi.model.ScFedVI` (as scvi-tools'
+        ``SCANVI.from_scvi_model``); labels are harmonized from the sites' label counts.
+
+        Parameters
+        ----------
+        model
+            The trained scFedVI model (in memory, or ``ScFedVI.load(dir)``).
+        label_key
+            ``obs`` column of labels at every site (default: the model's schema's).
+        unlabeled_category
+            Its value for unlabelled cells.
+        sites
+            The sites' AnnData (default: the model's in-process sites).
+        annotate
+            Other settings (its ``unlabeled_category`` is replaced by the argument).
+        """
+        if model.params is None:
+            raise RuntimeError("the scFedVI model is not trained: train or load it first")
+        sites = dict(sites if sites is not None else model.sites)
+        if not sites:
+            raise ValueError(
+                "no sites to train scANVI on: a loaded scFedVI model has none; pass sites="
+                "{name: AnnData} (the command line: --site NAME=PATH)"
+            )
+        label_key = label_key or model.schema.label_key
+        if label_key is None:
+            raise ValueError("the scFedVI model has no label column: pass label_key=")
+        counts = {
+            s: site_label_counts(
+                a, site=s, label_key=label_key, unlabeled_category=unlabeled_category
+            )
+            for s, a in sites.items()
+        }
+        known = harmonize_labels(counts, label_key=label_key, unlabeled_category=unlabeled_category)
+        schema = replace(model.schema, labels=(*known, unlabeled_category), label_key=label_key)
+        cfg = replace(annotate or AnnotateConfig(), unlabeled_category=unlabeled_category)
+        out = cls(schema, model.config, cfg, sites, layer=model.layer)
+        out.init_params = dict(model.params)
+        return out
+
+    def _label_index(self, sd: SiteData) -> np.ndarray:
+        if sd.labels is None:
+            return np.full(len(sd.batch_index), -1, dtype=np.int64)
+        idx = pd.Index(self.labels).get_indexer(sd.labels.astype(str))
+        return idx.astype(np.int64)  # the unlabelled category (and only it) maps to -1
+
+    def _module(self, n_batches: int | None = None) -> SCANVAE:
+        a = self.annotate
+        return SCANVAE(
+            self.schema.n_genes,
+            n_batches or self.schema.n_batches,
+            self.n_labels,
+            self.config.model,
+            linear_classifier=a.linear_classifier,
+            classification_ratio=a.classification_ratio,
+        )
+
+    def _worker(
+        self, name: str, sd: SiteData, labels: bool = True, config: RunConfig | None = None
+    ) -> AnnotateSite:
+        a = self.annotate
+        data = LabelledSiteTensors(
+            sd.X, sd.batch_index, labels=self._label_index(sd) if labels else None
+        )
+        return AnnotateSite(
+            name,
+            data,
+            self.schema.n_genes,
+            self.schema.n_batches,
+            self.n_labels,
+            config or self.config,
+            linear_classifier=a.linear_classifier,
+            classification_ratio=a.classification_ratio,
+        )
+
+    # -- training ----------------------------------------------------------------------------
+    def train_config(self) -> RunConfig:
+        """The run's configuration with scANVI's rounds and local epochs."""
+        a, c = self.annotate, self.config
+        return replace(
+            c,
+            train=replace(c.train, local_epochs=a.local_epochs, local_steps=None),
+            federation=replace(c.federation, n_rounds=a.n_rounds),
+        )
+
+    def train(self) -> pd.DataFrame:
+        """Federated scANVI rounds in process (``annotate.n_rounds``); the history."""
+        from scfedvi.federation.balance import balance_in_process
+        from scfedvi.federation.coordinator import Coordinator
+
+        if not self._site_data:
+            raise ValueError("this model has no sites to train on; build it with from_scfedvi")
+        if self.init_params is None:
+            raise RuntimeError("no initial weights: build the model with ScFedANVI.from_scfedvi")
+        cfg = self.train_config()
+        workers = [self._worker(n, sd, config=cfg) for n, sd in self._site_data.items()]
+        coord = Coordinator(
+            self.schema.n_genes, self.schema.n_batches, cfg, schema_hash=self.schema.hash
+        )
+        torch.manual_seed(cfg.federation.seed)
+        module = self._module()
+        set_state(module, {k: v for k, v in self.init_params.items() if k in module.state_dict()})
+        _use_module(coord, module, cfg)
+        for r in range(cfg.federation.n_rounds):
+            params, control = coord.broadcast()
+            coord.aggregate([w.fit(params, r, control) for w in workers])
+        self.params = coord.params
+        self.history = pd.DataFrame(coord.history)
+        self._balance = (
+            balance_in_process(workers, self.params, cfg) if cfg.balance_clusters else []
+        )
+        return self.history
+
+    # -- prediction --------------------------------------------------------------------------
+    def _site_worker(
+        self, adata: ad.AnnData | None, site: str | None
+    ) -> tuple[ad.AnnData, SiteData, AnnotateSite]:
+        if self.params is None:
+            raise RuntimeError("the model is not trained: call .train() or ScFedANVI.load(dir)")
+        if adata is None:
+            if site not in self._site_data:
+                raise KeyError(f"unknown site {site!r}; sites: {sorted(self._site_data)}")
+            return (
+                self.sites[site],
+                self._site_data[site],
+                self._worker(site, self._site_data[site]),
+            )
+        name = site or "new-site"
+        sd = project_new_site(adata, self.schema, self.config, site=name, layer=self.layer)
+        return adata, sd, self._worker(name, sd, labels=False)
+
+    def predict_site(
+        self, adata: ad.AnnData | None = None, *, site: str | None = None, write: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(latent, label probabilities) of one site's cells, computed with its data only; with
+        ``write``, the site's AnnData gets ``obsm['X_scFedANVI']``, ``obs['scfedvi_label']`` and
+        ``obs['scfedvi_label_confidence']`` (see :class:`AnnotateConfig`)."""
+        adata, sd, worker = self._site_worker(adata, site)
+        z, probs = worker.predict(self.params, self._balance)
+        if write:
+            rows = adata.obs_names.get_indexer(sd.obs_names)
+            zf = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
+            zf[rows] = z
+            conf = np.full(adata.n_obs, np.nan)
+            conf[rows] = probs.max(1)
+            lab = np.full(adata.n_obs, self.annotate.unlabeled_category, dtype=object)
+            best = np.asarray(self.labels, dtype=object)[probs.argmax(1)]
+            ok = probs.max(1) >= self.annotate.confidence_threshold
+            lab[rows[ok]] = best[ok]
+            adata.obsm[LATENT_KEY] = zf
+            adata.obs[LABEL_KEY] = pd.Categorical(
+                lab, categories=[*self.labels, self.annotate.unlabeled_category]
+            )
+            adata.obs[CONFIDENCE_KEY] = conf
+            n_low = int((~ok).sum())
+            if n_low:
+                log.warning(
+                    "site %r: %d of %d cells (%.1f%%) have a top label probability below %.2f: "
+                    "labelled %r in obs[%r]",
+                    sd.site,
+                    n_low,
+                    len(ok),
+                    100 * n_low / len(ok),
+                    self.annotate.confidence_threshold,
+                    self.annotate.unlabeled_category,
+                    LABEL_KEY,
+                )
+        return z, probs
+
+    def predict(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        site: str | None = None,
+        soft: bool = False,
+        write: bool = True,
+    ) -> np.ndarray | pd.DataFrame:
+        """As scvi-tools' ``SCANVI.predict``: each cell's most probable label, or with ``soft``
+        a DataFrame of label probabilities (cells x labels)."""
+        _, probs = self.predict_site(adata, site=site, write=write)
+        if soft:
+            _, sd, _ = self._site_worker(adata, site)
+            return pd.DataFrame(probs, index=pd.Index(sd.obs_names), columns=list(self.labels))
+        return np.asarray(self.labels, dtype=object)[probs.argmax(1)]
+
+    def get_latent_representation(
+        self, adata: ad.AnnData | None = None, *, site: str | None = None
+    ) -> np.ndarray:
+        """The scANVI latent of one site's cells (also written to ``obsm['X_scFedANVI']``)."""
+        return self.predict_site(adata, site=site)[0]
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the model, schema, configurations, balancing steps and history."""
+        from scfedvi.federation.balance import steps_to_arrays
+
+        if self.params is None:
+            raise RuntimeError("the model is not trained: nothing to save")
+        d = Path(directory)
+        if (d / MODEL_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{d / MODEL_FILE} exists; pass overwrite=True or another dir")
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / MODEL_FILE, **self.params)  # type: ignore[arg-type]
+        self.schema.save(d / SCHEMA_FILE)
+        meta = {"config": self.config.to_dict(), "annotate": asdict(self.annotate)}
+        (d / CONFIG_FILE).write_text(json.dumps({**meta, "layer": self.layer}, indent=2))
+        self.history.to_csv(d / HISTORY_FILE, index=False)
+        np.savez(d / BALANCE_FILE, **steps_to_arrays(self._balance))  # type: ignore[arg-type]
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ScFedANVI:
+        """Load a saved model; any site can then predict its cells with it alone."""
+        from scfedvi.federation.balance import steps_from_arrays
+
+        d = Path(directory)
+        if not (d / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"no saved scFedANVI model in {d} (missing {CONFIG_FILE})")
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        model = cls(
+            FederationSchema.load(d / SCHEMA_FILE),
+            RunConfig.from_dict(meta["config"]),
+            AnnotateConfig(**meta["annotate"]),
+            layer=meta["layer"],
+        )
+        with np.load(d / MODEL_FILE) as z:
+            model.params = {k: z[k] for k in z.files}
+        if (d / HISTORY_FILE).stat().st_size > 1:
+            model.history = pd.read_csv(d / HISTORY_FILE)
+        with np.load(d / BALANCE_FILE) as z:
+            model._balance = steps_from_arrays({k: z[k] for k in z.files})
+        return model
+
+    def __repr__(self) -> str:
+        state = "trained" if self.params is not None else "untrained"
+        return (
+            f"ScFedANVI({state}; {len(self.sites)} sites, {self.n_labels} labels of "
+            f"{self.schema.label_key!r}, unlabelled {self.annotate.unlabeled_category!r})"
+        )
+
+
+def scanvi_batch_owned(module: SCANVAE) -> dict[str, tuple[int, int]]:
+    """The batch-owned columns of scVI's layers (the label one-hot columns of the ``z2`` layers
+    belong to no batch)."""
+    label = set(label_layer_keys(module))
+    return {k: v for k, v in batch_owned_columns(module).items() if k not in label}
+
+
+def _use_module(coord: Any, module: SCANVAE, cfg: RunConfig) -> None:
+    """Point a coordinator built for scVI at the scANVI module and its initial weights."""
+    full = get_state(module)
+    coord.keys = shared_keys(module, cfg.federation.norm_stats)
+    coord.params = {k: full[k] for k in coord.keys}
+    coord.initial_local = {k: v for k, v in full.items() if k not in set(coord.keys)}
+    coord.batch_owned = scanvi_batch_owned(module) if cfg.federation.batch_owned else {}
+    if coord.control is not None:
+        coord.control = {
+            n: np.zeros(tuple(p.shape), np.float32) for n, p in module.named_parameters()
+        }
+
+
+def project_new_site(
+    adata: ad.AnnData,
+    schema: FederationSchema,
+    config: RunConfig,
+    *,
+    site: str,
+    layer: str | None,
+    batch_size: int = 2,
+) -> SiteData:
+    """A site's cells on the schema's genes, labels ignored; batches the model was not trained
+    on get index 0 when the encoder does not read the batch (the default architecture)."""
+    key = schema.batch_key
+    if key in adata.obs.columns:
+        seen = set(adata.obs[key].astype(str).unique())
+    else:
+        seen = set()
+    unseen = tuple(sorted(seen - set(schema.batches)))
+    if unseen and config.model.encode_covariates:
+        raise SchemaMismatchError(
+            f"site {site!r}: obs[{key!r}] has batches the model was not trained on "
+            f"({list(unseen)[:5]}) and its encoder reads the batch (encode_covariates=True); "
+            "embed it after query fine-tuning: scfedvi.annotate.load_query_data(model, adata, "
+            f"site={site!r}) (command line: scfedvi embed --predict --query-epochs N)"
+        )
+    plain = replace(schema, batches=schema.batches + unseen, labels=None, label_key=None)
+    sd = project(adata, plain, site=site, layer=layer, batch_size=batch_size)
+    if unseen:
+        sd.batch_index[sd.batch_index >= schema.n_batches] = 0
+    return sd
