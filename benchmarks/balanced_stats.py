@@ -46,6 +46,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", default="1", help="sums rounds per pass (comma-separated)")
     p.add_argument("--old", action="store_true", help="also the protocol before (the anchor)")
     p.add_argument("--old-rounds", type=int, default=10, help="its Lloyd rounds per pass")
+    p.add_argument(
+        "--balance-seeds",
+        default=None,
+        help="k-means seeds of the balancing on each trained model (the spread of the "
+        "balancing step alone; default: the training seed)",
+    )
     p.add_argument("--out", default="benchmark-out/balanced_stats.jsonl")
     p.add_argument(
         "--scib",
@@ -73,11 +79,11 @@ def main(argv: list[str]) -> int:
 
     bp = argparse.ArgumentParser()
     add_benchmark_parser(bp.add_subparsers(dest="command"))
-    rounds_list = [int(x) for x in args.rounds.split(",")]
+    rounds_list = _ints(args.rounds)
     if args.dataset == "simulated" and args.scib:
         p.error("--scib needs a benchmark data set (pancreas or cortex)")
-    for n_sites in [int(x) for x in args.clients.split(",")]:
-        for seed in [int(x) for x in args.seeds.split(",")]:
+    for n_sites in _ints(args.clients):
+        for seed in _ints(args.seeds):
             t0 = time.perf_counter()
             if args.dataset == "simulated":
                 task = None
@@ -119,16 +125,18 @@ def main(argv: list[str]) -> int:
             workers = {w.name: w for w in model._live[1]}
             off = {n: workers[n].embed(model.params, []) for n in sites}
             variants = {"site-local statistics (balancing off)": (off, 0, 0.0)}
-            for k in [int(x) for x in args.k.split(",")]:
+            bseeds = [seed] if args.balance_seeds is None else _ints(args.balance_seeds)
+            for k, bs in [(k, bs) for k in _ints(args.k) for bs in bseeds]:
+                tag = "" if args.balance_seeds is None else f", balancing seed {bs}"
                 if args.old:
                     t1 = time.perf_counter()
                     steps = _old_protocol(
-                        model._live[1], model.params, k, args.iterations, args.old_rounds, seed
+                        model._live[1], model.params, k, args.iterations, args.old_rounds, bs
                     )
                     secs = time.perf_counter() - t1
                     name = (
                         f"old protocol, K={k}, {args.iterations} passes, "
-                        f"1 + {args.old_rounds} rounds"
+                        f"1 + {args.old_rounds} rounds{tag}"
                     )
                     zs = {n: workers[n].embed(model.params, steps) for n in sites}
                     variants[name] = (zs, args.iterations * (1 + args.old_rounds), secs)
@@ -138,12 +146,13 @@ def main(argv: list[str]) -> int:
                         balance_clusters=k,
                         balance_iterations=args.iterations,
                         balance_rounds=rounds,
+                        seed=bs,  # used only by the k-means seeds here (training is done)
                     )
                     model.config, model._balance = replace(cfg, federation=fed), None
                     t1 = time.perf_counter()
                     model.balance_steps()
                     secs = time.perf_counter() - t1
-                    name = f"balanced, K={k}, {args.iterations} passes, 1 + {rounds} rounds"
+                    name = f"balanced, K={k}, {args.iterations} passes, 1 + {rounds} rounds{tag}"
                     zs = {n: model.get_latent_representation(site=n, write=False) for n in sites}
                     variants[name] = (zs, args.iterations * (1 + rounds), secs)
             model.config = cfg
@@ -216,6 +225,10 @@ def main(argv: list[str]) -> int:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
     return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def _simulated(n_sites: int):
