@@ -133,6 +133,7 @@ def test_label_column_missing_or_all_unlabelled_is_named():
     with pytest.raises(SiteDataError, match=r"site 'b': obs\['ct'\].*missing.*'Unknown'"):
         site_label_counts(sites["b"], site="b", label_key="ct", unlabeled_category="Unknown")
     with (
+        pytest.warns(SiteDataWarning, match=r"site 'b': every cell of obs\['ct'\] is 'Unknown'"),
         pytest.warns(SiteDataWarning, match=r"site 'a': every cell of obs\['ct'\] is 'Unknown'"),
         pytest.raises(SiteDataError, match=r"no site has a labelled cell.*obs\['ct'\]"),
     ):
@@ -149,3 +150,47 @@ def test_single_site_and_case_whitespace_labels_warn():
     assert labels == ("B", "T cell", "t cell ")
     assert "differ only by case or whitespace: 'T cell' at ['a']; 't cell ' at ['b']" in msgs
     assert "label 'T cell' of obs['ct'] is held by site 'a' only" in msgs
+
+
+# -- command line ----------------------------------------------------------------------------
+def test_cli_annotate_then_embed_predict_a_new_site(fitted, tmp_path, capsys):
+    from scfedvi.cli import main
+
+    base, _ = fitted
+    base.save(tmp_path / "run" / "model")
+    paths = {}
+    for s, a in _sites().items():
+        paths[s] = tmp_path / f"{s}.h5ad"
+        a.write_h5ad(paths[s])
+    sites = [f"--site={s}={p}" for s, p in paths.items()]
+    args = ["annotate", "--model", str(tmp_path / "run" / "model"), *sites, "--label-key", "ct"]
+    args += ["--rounds", "1", "--local-epochs", "1", "--out", str(tmp_path / "ann")]
+    with pytest.warns(SiteDataWarning, match="site 'c': every cell"):
+        assert main(args) == 0
+    import anndata as ad
+
+    got = ad.read_h5ad(tmp_path / "ann" / "c.h5ad")
+    assert {LABEL_KEY, CONFIDENCE_KEY} <= set(got.obs) and LATENT_KEY in got.obsm
+    new = _sites()["c"]
+    new.obs["batch"] = "b-new"
+    new.write_h5ad(tmp_path / "new.h5ad")
+    emb = [
+        "embed",
+        "--model",
+        str(tmp_path / "ann" / "model"),
+        "--input",
+        str(tmp_path / "new.h5ad"),
+    ]
+    emb += ["--out", str(tmp_path / "new.out.h5ad"), "--predict"]
+    assert main(emb) == 2  # an unseen batch and a batch-reading encoder: the fix is named
+    assert "--query-epochs" in capsys.readouterr().err
+    assert main([*emb, "--query-epochs", "1"]) == 0
+    assert LABEL_KEY in ad.read_h5ad(tmp_path / "new.out.h5ad").obs
+    # bad input: a site without the label column is named with the column and the fix
+    bad = _sites()["b"]
+    del bad.obs["ct"]
+    bad.write_h5ad(paths["b"])
+    args[-1] = str(tmp_path / "ann2")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "site 'b': obs['ct'] (the label column) is missing; add it" in err

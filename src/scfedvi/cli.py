@@ -14,6 +14,8 @@ EPILOG = """examples:
   scfedvi train --site lab-a=a.h5ad --site lab-b=b.h5ad --batch-key tech --out run1
   scfedvi train --input pooled.h5ad --split-key lab --batch-key tech --label-key cell_type --out run1
   scfedvi embed --model run1/model --input lab-c.h5ad --out lab-c.embedded.h5ad
+  scfedvi annotate --model run1/model --input pooled.h5ad --split-key lab --label-key cell_type --out ann1
+  scfedvi embed --model ann1/model --input lab-d.h5ad --out lab-d.labelled.h5ad --predict
 """
 
 
@@ -185,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer", help="layer with raw counts (default: the one the model was trained on)"
     )
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    from scfedvi.annotate.cli import add_annotate_parser, add_predict_options
+
+    add_predict_options(e)
+    add_annotate_parser(sub)
     from scfedvi.benchmark.cli import add_benchmark_parser
 
     add_benchmark_parser(sub)
@@ -205,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Commands that train or embed in this process and tune glibc's malloc first
 #: (:mod:`scfedvi._malloc`); ``benchmark`` leaves it alone, so every method it times runs under
 #: the allocator its README figures were measured with.
-MALLOC_TUNED = ("train", "embed", "demo")
+MALLOC_TUNED = ("train", "embed", "demo", "annotate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ImportError,
     ) as err:
         msg = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-        if args.command in ("train", "embed") and "layer=" in msg:  # the API's words
+        if args.command in ("train", "embed", "annotate") and "layer=" in msg:  # the API's words
             msg += "; on the command line: --layer NAME"
         print(f"scfedvi {args.command}: error: {msg}", file=sys.stderr)
         return 2

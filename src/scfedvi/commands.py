@@ -160,6 +160,10 @@ def train(args: argparse.Namespace) -> int:
 def embed(args: argparse.Namespace) -> int:
     from scfedvi.model import ScFedVI
 
+    if getattr(args, "predict", False):
+        from scfedvi.annotate.cli import embed_predict
+
+        return embed_predict(args)
     out = Path(args.out)
     _check_outputs([out], [Path(args.input)], args.overwrite)
     model = ScFedVI.load(args.model)
@@ -171,6 +175,12 @@ def embed(args: argparse.Namespace) -> int:
     adata.write_h5ad(out)
     print(f"wrote {out}: obsm['X_scFedVI'] with {z.shape[1]} dimensions for {z.shape[0]} cells")
     return 0
+
+
+def annotate(args: argparse.Namespace) -> int:
+    from scfedvi.annotate.cli import annotate as run
+
+    return run(args)
 
 
 def _check_outputs(targets, inputs, overwrite: bool) -> None:
