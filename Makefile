@@ -31,9 +31,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not flower" $(PYTEST_ARGS)
 
-# The documentation site; warnings are errors. Notebooks are not executed here (tests do).
+# The documentation site; warnings are errors, every page re-read (-E: an incremental build
+# would not repeat the warnings of unchanged pages). Notebooks are not executed here (tests do).
 docs: $(STAMP)
-	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+	$(VENV)/bin/sphinx-build -W --keep-going -E $(SPHINXOPTS) -b html docs docs/_build/html
 
 # [tool.flwr.app.config] of pyproject.toml, regenerated from RunConfig's defaults.
 flwr-config: $(STAMP)
