@@ -3,6 +3,7 @@ Flower processes: reuse, rebuilds (changed file, schema, corruption), isolation,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -141,15 +142,22 @@ def test_another_schema_or_batch_size_rebuilds(site_files, schema, tmp_path, cap
     assert reads.n == 2 and "minibatch size changed" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest", "bad-manifest"])
+@pytest.mark.parametrize(
+    "damage", ["flip", "flip-block", "truncate", "no-manifest", "bad-manifest"]
+)
 def test_corrupt_cache_is_rebuilt(site_files, schema, tmp_path, caplog, monkeypatch, damage):
+    from scfedvi.flower import data_cache
+
+    if damage == "flip-block":  # large arrays are checked by 1-MiB blocks: small blocks here
+        monkeypatch.setattr(data_cache, "BLOCK", 256)
+        monkeypatch.setattr(data_cache, "SAMPLED_BLOCKS", 10**6)  # every block is sampled
     node = _node(site_files, tmp_path)
     node.project(schema, BATCH)
     (cache,) = node.state_dir.glob("site-a.data-*")
     data = cache / "data.npy"
-    if damage == "flip":
+    if damage.startswith("flip"):
         raw = bytearray(data.read_bytes())
-        raw[-5] ^= 0xFF  # one value, not the header
+        raw[-5 if damage == "flip" else len(raw) // 2] ^= 0xFF  # one value, not the header
         data.write_bytes(bytes(raw))
     elif damage == "truncate":
         data.write_bytes(data.read_bytes()[:-64])
@@ -157,10 +165,14 @@ def test_corrupt_cache_is_rebuilt(site_files, schema, tmp_path, caplog, monkeypa
         (cache / "manifest.json").unlink()
     else:
         (cache / "manifest.json").write_text("{not json")
+    if damage == "flip-block":
+        assert "blocks" in json.loads((cache / "manifest.json").read_text())["arrays"]["data"]
     reads = Reads(monkeypatch)
     with caplog.at_level(logging.INFO, "scfedvi.flower.data_cache"):
         got = node.site_data(schema, BATCH)
     assert reads.n == 1 and caplog.records
+    if damage.startswith("flip"):
+        assert "fails its checksum" in caplog.text
     _same(got, _fresh(node, schema))
     node.site_data(schema, BATCH)
     assert reads.n == 1  # whole again

@@ -9,16 +9,20 @@ writes the result once into the site's ``state-dir``:
 ``indptr.npy`` (the CSR counts in schema gene order), ``batch_index.npy``,
 ``log_factorial.npy`` (each cell's sum of ``lgamma(x + 1)``, which the likelihood needs),
 ``obs_names.npy`` (and ``labels.npy`` if the site has labels), and ``manifest.json``: the key
-the arrays were made for, and each array's dtype, shape, size in bytes and CRC-32.
+the arrays were made for, and each array's dtype, shape, size in bytes and CRC-32 (for arrays
+over 16 MiB, the CRC-32 of each 1-MiB block).
 
 The key is everything the arrays depend on: the format version, the site's name, the data
 file's path and identity (size, modification time in ns, and the SHA-256 of its first and last
 MiB: an ``.h5ad`` rewritten in place with the same size and time still changes its header or
 its tail), the schema hash, the layer, the federation's and the site's batch column and the
 minibatch size (the validation needs that many cells). Later messages map the arrays
-(``np.load(mmap_mode='r')``) after checking the key and every array's size and CRC-32 (about
-0.05 s per 200 MB); any mismatch rebuilds the cache from the ``.h5ad`` with a log line saying
-why. A cache is written into a temporary folder and renamed into place, so a crashed writer
+(``np.load(mmap_mode='r')``) after checking the key, every file's size, the small arrays'
+CRC-32 and, of the counts' ``data`` and ``indices``, the first, the last and 16 random 1-MiB
+blocks (a whole check of a 100,000 x 2,000 site's 1.2 GB took 2 s a message on a loaded
+2-core machine; a damaged block is found with probability 18/blocks per message, and any
+truncation by the size check); any mismatch rebuilds the cache from the ``.h5ad`` with a log
+line saying why. A cache is written into a temporary folder and renamed into place, so a crashed writer
 leaves no cache that looks whole. The folder name carries the site and the schema, and the key
 is checked in full, so a cache never serves another site or another schema.
 """
@@ -63,8 +67,39 @@ def file_identity(path: Path) -> dict[str, Any]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "edges_sha256": h.hexdigest()}
 
 
+#: Arrays up to this many bytes are checked whole on every load; larger ones (the counts'
+#: ``data`` and ``indices``) by blocks of this size.
+BLOCK = 1 << 20
+#: Blocks of a large array checked on each load, besides its first and last: chosen at random,
+#: so that successive messages cover different parts of the array.
+SAMPLED_BLOCKS = 16
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    return memoryview(cast(Any, np.ascontiguousarray(a))).cast("B")
+
+
 def _crc(a: np.ndarray) -> int:
-    return zlib.crc32(memoryview(cast(Any, np.ascontiguousarray(a))).cast("B"))
+    return zlib.crc32(_bytes(a))
+
+
+def _block_crcs(a: np.ndarray) -> list[int]:
+    b = _bytes(a)
+    return [zlib.crc32(b[i : i + BLOCK]) for i in range(0, len(b), BLOCK)]
+
+
+def _verify(a: np.ndarray, meta: dict[str, Any]) -> bool:
+    """Check ``a`` against its manifest entry: whole, or (large arrays) its first, last and
+    :data:`SAMPLED_BLOCKS` random blocks."""
+    if "blocks" not in meta:
+        return _crc(a) == meta["crc32"]
+    blocks, b = meta["blocks"], _bytes(a)
+    n = len(blocks)
+    if n != -(-len(b) // BLOCK):
+        return False
+    rng = np.random.default_rng()
+    picks = {0, n - 1, *rng.choice(n, size=min(n, SAMPLED_BLOCKS), replace=False).tolist()}
+    return all(zlib.crc32(b[i * BLOCK : (i + 1) * BLOCK]) == blocks[i] for i in picks)
 
 
 @dataclass(frozen=True)
@@ -142,7 +177,7 @@ class DataCache:
                 return self._miss(f"{path.name} is unreadable ({e})")
             if a.dtype.str != meta["dtype"] or list(a.shape) != meta["shape"]:
                 return self._miss(f"{path.name} has dtype/shape {a.dtype.str}{a.shape}")
-            if _crc(a) != meta["crc32"]:
+            if not _verify(a, meta):
                 return self._miss(f"{path.name} fails its checksum (corrupt)")
             arrays[name] = a
         try:
@@ -224,7 +259,8 @@ class DataCache:
                     "dtype": a.dtype.str,
                     "shape": list(a.shape),
                     "file_bytes": path.stat().st_size,
-                    "crc32": _crc(a),
+                    **({"crc32": _crc(a)} if a.nbytes <= BLOCK * 16 else {}),
+                    **({"blocks": _block_crcs(a)} if a.nbytes > BLOCK * 16 else {}),
                 }
             manifest = {
                 "key": self.key,
