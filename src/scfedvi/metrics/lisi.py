@@ -23,6 +23,8 @@ from scfedvi.metrics.neighbors import KnnMethod, Neighbors, compute_neighbors
 
 _TOL = 1e-5
 _MAX_ITER = 50
+#: Cells per block of the kernel calibration (bounded temporaries; results do not depend on it).
+_BLOCK_ROWS = 65_536
 
 
 def _n_neighbors_for(perplexity: float) -> int:
@@ -114,6 +116,19 @@ def neighbor_weights(
     used = _select_neighbors(neighbors, perplexity)
     D = used.distances
     n = D.shape[0]
+    P = np.zeros(D.shape)
+    H = np.zeros(n)
+    # rows are independent: calibrate in blocks, so the bisection's temporaries stay
+    # O(block x k) at 10^6 cells (P itself is n x k float64: 720 MB at 10^6 cells, k = 90)
+    for r0 in range(0, n, _BLOCK_ROWS):
+        r1 = min(n, r0 + _BLOCK_ROWS)
+        P[r0:r1], H[r0:r1] = _calibrate(np.asarray(D[r0:r1], dtype=np.float64), perplexity)
+    return P, H, used
+
+
+def _calibrate(D: np.ndarray, perplexity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The bisection of :func:`neighbor_weights` on one block of rows."""
+    n = D.shape[0]
     log_u = np.log(perplexity)
     beta = np.ones(n)
     beta_min = np.full(n, -np.inf)
@@ -148,7 +163,7 @@ def neighbor_weights(
             np.where(np.isfinite(hi_b), (b + hi_b) / 2, b * 2),
             np.where(np.isfinite(lo_b), (b + lo_b) / 2, b / 2),
         )
-    return P, H, used
+    return P, H
 
 
 def _lisi_from_weights(P: np.ndarray, H: np.ndarray, used: Neighbors, labels: Any) -> np.ndarray:

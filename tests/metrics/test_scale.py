@@ -1,0 +1,68 @@
+"""LISI at scale: the blocked kernel calibration, approximate neighbours against exact ones,
+and the stratified subsample the scIB metrics and the UMAP use at 10^5-10^6 cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scfedvi.metrics import lisi as lisi_mod
+from scfedvi.metrics.lisi import compute_lisi, lisi_per_cell, neighbor_weights
+from scfedvi.metrics.neighbors import compute_neighbors
+from scfedvi.metrics.subsample import stratified_subsample
+
+from .conftest import gaussian_clusters
+
+
+def test_blocked_calibration_equals_one_block(monkeypatch):
+    X, _ = gaussian_clusters(700, n_dims=6, seed=2)
+    nn = compute_neighbors(X, k=90, method="exact")
+    P1, H1, _ = neighbor_weights(nn)
+    monkeypatch.setattr(lisi_mod, "_BLOCK_ROWS", 64)
+    P2, H2, _ = neighbor_weights(nn)
+    np.testing.assert_array_equal(P1, P2)
+    np.testing.assert_array_equal(H1, H2)
+
+
+@pytest.mark.slow
+def test_approximate_neighbours_change_lisi_little():
+    """10^4 cells in a 10-D latent space (4 cell types, 3 batches mixed unevenly): LISI over
+    pynndescent's graph is within 0.02 of exact kNN's in median, and per cell within 0.05 on
+    average (the bound the benchmark's 10^6-cell LISI relies on)."""
+    pytest.importorskip("pynndescent")
+    rng = np.random.default_rng(0)
+    X, types = gaussian_clusters(10_000, n_dims=10, seed=11)
+    batches = (types + rng.integers(0, 2, types.size)) % 3  # composition differs by type
+    X = X + 0.8 * np.eye(10)[batches]  # and a batch effect
+    labels = {"batch": batches, "type": types}
+    exact = compute_lisi(None, labels, neighbors=compute_neighbors(X, k=90, method="exact"))
+    approx = compute_lisi(None, labels, neighbors=compute_neighbors(X, k=90, method="approx"))
+    assert isinstance(exact, dict) and isinstance(approx, dict)
+    for key in labels:
+        assert abs(np.median(approx[key]) - np.median(exact[key])) < 0.02, key
+        assert np.mean(np.abs(approx[key] - exact[key])) < 0.05, key
+    assert np.median(exact["batch"]) > 1.3  # the check is not on a trivial (unmixed) graph
+
+
+def test_stratified_subsample_keeps_every_group():
+    rng = np.random.default_rng(1)
+    batch = rng.choice(["a", "b", "c"], 20_000, p=[0.7, 0.29, 0.01])
+    label = rng.choice(["x", "y", "rare"], 20_000, p=[0.5, 0.495, 0.005])
+    idx = stratified_subsample(batch, label, 2_000, seed=0)
+    assert len(idx) == 2_000 and len(np.unique(idx)) == 2_000 and np.all(np.diff(idx) > 0)
+    groups = {(b, la) for b, la in zip(batch, label, strict=True)}
+    assert {(batch[i], label[i]) for i in idx} == groups  # every batch x label group kept
+    share = np.mean(batch[idx] == "a")
+    assert 0.6 < share < 0.75  # otherwise proportional
+    np.testing.assert_array_equal(idx, stratified_subsample(batch, label, 2_000, seed=0))
+    assert len(stratified_subsample(batch, label, 50_000)) == 20_000  # all when small
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        stratified_subsample(batch, label, 0)
+
+
+def test_lisi_per_cell_is_unchanged_by_blocks_on_real_shapes(monkeypatch):
+    X, cl = gaussian_clusters(300, n_dims=4, seed=3)
+    nn = compute_neighbors(X, k=90)
+    a = lisi_per_cell(nn, cl)
+    monkeypatch.setattr(lisi_mod, "_BLOCK_ROWS", 7)
+    np.testing.assert_array_equal(a, lisi_per_cell(nn, cl))
