@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 #: The first columns of ``results.csv``, in order.
 ID_COLUMNS = ("dataset", "method", "label", "n_sites", "seed")
+#: Privacy columns of ``results.csv`` (see :mod:`scfedvi.benchmark.mia` and docs/dp.md).
+PRIVACY_COLUMNS = ("epsilon", "delta", "noise_multiplier", "mia_auc", "mia_tpr_at_1fpr")
 
 
 def _row(ident: tuple, job: Job, meta: dict[str, Any], metrics: dict[str, Any]) -> dict:
@@ -38,6 +40,9 @@ def _row(ident: tuple, job: Job, meta: dict[str, Any], metrics: dict[str, Any]) 
             "local_epochs": info.get("local_epochs"),
             "epochs": epochs if not isinstance(epochs, dict) else max(epochs.values()),
             "n_genes": info.get("n_genes"),
+            # privacy (federated methods; NaN otherwise): the DP guarantee over the run
+            # (epsilon inf without DP) and the membership-inference attack on the global model
+            **{k: info.get(k, np.nan) for k in PRIVACY_COLUMNS},
             "batch_key": job.dataset.batch_key,
             "label_key": job.dataset.label_key,
             "cache_key": job.key,

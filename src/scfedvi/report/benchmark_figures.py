@@ -136,3 +136,51 @@ def plot_quality_vs_communication(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
+
+
+def plot_privacy_utility(results: pd.DataFrame, path: str | os.PathLike) -> str | None:
+    """The privacy-utility curve: epsilon against batch and cell-type LISI (and the scIB total
+    and the membership-inference AUC where present), one row of panels per (data set, sites).
+
+    Runs without DP (``epsilon`` inf) are drawn at the right edge, marked "no DP".
+    Returns ``None`` when no row has a finite epsilon.
+    """
+    if "epsilon" not in results:
+        return None
+    eps = pd.to_numeric(results["epsilon"], errors="coerce")
+    if not np.isfinite(eps).any():
+        return None
+    res = results.assign(epsilon=eps)[eps.notna()]
+    ys = [("batch_lisi_mean", "batch LISI (higher: mixed)")]
+    ys.append(("celltype_lisi_mean", "cell-type LISI (lower: kept apart)"))
+    if "scib: Total" in res and res["scib: Total"].notna().any():
+        ys.append(("scib: Total", "scIB total"))
+    if "mia_auc" in res and res["mia_auc"].notna().any():
+        ys.append(("mia_auc", "membership-inference AUC"))
+    panels = sorted({(d, n) for d, n in zip(res["dataset"], res["n_sites"], strict=True)})
+    finite = res["epsilon"][np.isfinite(res["epsilon"])]
+    no_dp_x = float(finite.max()) * 4 if len(finite) else 10.0
+    plt = _plt()
+    fig, axes = plt.subplots(
+        len(panels), len(ys), figsize=(3.6 * len(ys), 3.0 * len(panels)), squeeze=False
+    )
+    for i, (ds, n) in enumerate(panels):
+        p = res[(res["dataset"] == ds) & (res["n_sites"] == n)]
+        x = p["epsilon"].where(np.isfinite(p["epsilon"]), no_dp_x)
+        for j, (col, ylabel) in enumerate(ys):
+            ax = axes[i, j]
+            g = p.assign(x=x).groupby("x")[col].mean().sort_index()
+            ax.plot(g.index, g.to_numpy(), "o-", ms=4)
+            ax.set_xscale("log")
+            ticks = [*sorted({float(f"{t:.3g}") for t in finite}), no_dp_x]
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["no DP"], fontsize=7)
+            ax.minorticks_off()
+            ax.set_xlabel("ε (δ = 1e-5, client-level)")
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(f"{ds}, {n} sites", fontsize=9)
+            if col == "mia_auc":
+                ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
