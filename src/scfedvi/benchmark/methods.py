@@ -295,8 +295,9 @@ def _privacy_info(model: Any, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-#: Client-level DP in the benchmark: the clip norm (L2, all parameters; about the median
-#: update norm of a scFedVI round on pancreas, measured in docs/dp.md) and delta.
+#: Client-level DP in the benchmark: the clip norm (L2 over all parameters; not tuned: with a
+#: few sites the noise, sigma * C / n on every coordinate, dominates an update of norm <= C for
+#: any C, see docs/dp.md) and delta.
 DP_CLIP_NORM = 1.0
 DP_DELTA = 1e-5
 
