@@ -176,3 +176,64 @@ def write_app_dir(directory: str | Path, **overrides: Any) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "pyproject.toml").write_text(app_pyproject(**overrides), encoding="utf-8")
     return d
+
+
+#: The section of a ``pyproject.toml`` that holds the Flower app's run config.
+CONFIG_HEADER = "[tool.flwr.app.config]"
+
+
+def config_section(**overrides: Any) -> str:
+    """``[tool.flwr.app.config]`` with every run-config key and its default, as TOML."""
+    lines = [CONFIG_HEADER]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in default_run_config(**overrides).items()]
+    return "\n".join(lines) + "\n"
+
+
+def rewrite_config_section(path: str | Path) -> bool:
+    """Replace ``path``'s ``[tool.flwr.app.config]`` by :func:`config_section`.
+
+    The section runs from its header to the next table header (or the end of the file); the
+    rest of the file is left as it is. Returns whether the file changed.
+
+    Raises
+    ------
+    ValueError
+        When the file has no such section.
+    """
+    import re
+
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    start = text.find(CONFIG_HEADER + "\n")
+    if start < 0:
+        raise ValueError(f"{p} has no {CONFIG_HEADER} section; add the header line first")
+    nxt = re.compile(r"^\[", re.M).search(text, start + len(CONFIG_HEADER))
+    end = nxt.start() if nxt else len(text)
+    new = text[:start] + config_section() + ("\n" if nxt else "") + text[end:]
+    if new == text:
+        return False
+    p.write_text(new, encoding="utf-8")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scfedvi.flower.settings [--write PYPROJECT]``: print or rewrite the section.
+
+    Without ``--write`` the section is printed; ``--write pyproject.toml`` regenerates the root
+    project's Flower app config from :class:`~scfedvi.config.RunConfig` (``make flwr-config``).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m scfedvi.flower.settings")
+    parser.add_argument("--write", metavar="PYPROJECT", help="rewrite this file's section")
+    args = parser.parse_args(argv)
+    if args.write is None:
+        print(config_section(), end="")
+        return 0
+    changed = rewrite_config_section(args.write)
+    print(f"{args.write}: {CONFIG_HEADER} {'regenerated' if changed else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
