@@ -114,9 +114,12 @@ def _kmeans(
                 x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))]
             )
         c = np.asarray(chosen, dtype=np.float64)
-        xw = x * w[:, None]
+        xw, prev = x * w[:, None], None
         for _ in range(iters):
             a = assign(x, c)
+            if prev is not None and np.array_equal(a, prev):
+                break  # a fixed point: the centroids would not move
+            prev = a
             sums, mass = np.zeros_like(c), np.bincount(a, weights=w, minlength=k)
             np.add.at(sums, a, xw)
             live = mass > 0
