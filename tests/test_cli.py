@@ -228,3 +228,34 @@ def test_train_prints_and_stores_the_schedule(tmp_path, site_files, capsys):
     assert summary["config"]["train"]["accelerator"] == "cpu"
     rc = main([*args[:-8], "--early-stopping", "--patience", "0", "--overwrite"])
     assert rc == 2 and "early_stopping_patience must be >= 1" in capsys.readouterr().err
+
+
+def test_a_site_file_that_is_not_h5ad_names_the_site_and_path(tmp_path, site_files, capsys):
+    """A text file, a truncated .h5ad, an HDF5 file that is not AnnData: one line each, naming
+    the site and the path, no traceback (before: h5py's 'file signature not found')."""
+    import h5py
+
+    pa, pb = site_files
+    notes = tmp_path / "notes.txt"
+    notes.write_text("gene,cell-1\nACTB,3\n")
+    truncated = tmp_path / "cut.h5ad"
+    truncated.write_bytes(pb.read_bytes()[: pb.stat().st_size // 2])
+    other = tmp_path / "filtered_feature_bc_matrix.h5"
+    with h5py.File(other, "w") as f:
+        f.create_group("matrix")["data"] = np.arange(3)
+    cases = [
+        (notes, "is not an .h5ad file", "anndata.read_text"),
+        (truncated, "is truncated", "write it again"),
+        (other, "anndata cannot read as AnnData", "scanpy.read_10x_h5"),
+    ]
+    for path, what, fix in cases:
+        argv = ["train", "--site", f"a={pa}", "--site", f"lab-x={path}", "--batch-key", "batch"]
+        rc = main([*argv, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert f"site 'lab-x': {path}" in err and what in err and fix in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    rc = main(
+        ["embed", "--model", str(tmp_path), "--input", str(notes), "--out", str(tmp_path / "e")]
+    )
+    assert rc == 2  # (no model there: the model is checked first; the reader is shared)

@@ -39,13 +39,11 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read(path: str):
-    import anndata as ad
+def _read(path: str, site: str | None = None):
+    """A site's .h5ad; a file that is not one is an error naming the site and the path."""
+    from scfedvi.data.loaders import read_site_h5ad
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    return ad.read_h5ad(p)
+    return read_site_h5ad(path, site)
 
 
 def _sites(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
@@ -68,7 +66,7 @@ def _sites(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
             raise ValueError(f"--site {spec!r}: expected NAME=PATH, e.g. --site lab-a=lab_a.h5ad")
         if name in sites:
             raise ValueError(f"--site {name!r} given twice; site names must be unique")
-        sites[name], paths[name] = _read(path), Path(path)
+        sites[name], paths[name] = _read(path, name), Path(path)
     return sites, paths
 
 
@@ -169,8 +167,9 @@ def embed(args: argparse.Namespace) -> int:
     model = ScFedVI.load(args.model)
     if args.layer is not None:
         model.layer = args.layer or None  # --layer '' : X
-    adata = _read(args.input)
-    z = model.get_latent_representation(adata, site=args.site or Path(args.input).stem)
+    site = args.site or Path(args.input).stem
+    adata = _read(args.input, site)
+    z = model.get_latent_representation(adata, site=site)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
     print(f"wrote {out}: obsm['X_scFedVI'] with {z.shape[1]} dimensions for {z.shape[0]} cells")

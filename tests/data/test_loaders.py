@@ -130,3 +130,28 @@ def test_scib_download_verifies_and_caches(tmp_path, h5ad_file, server, monkeypa
     ad.AnnData(np.ones((2, 2), dtype=np.float32)).write_h5ad(tmp_path / "c3" / SCIB_PANCREAS_FILE)
     with pytest.raises(DatasetChecksumError):
         load_scib_pancreas(tmp_path / "c3", url=server, sha256=None)
+
+
+def test_read_site_h5ad_errors_name_the_site_and_the_path(tmp_path):
+    from scfedvi.data import SiteDataError
+    from scfedvi.data.loaders import read_site_h5ad
+
+    good = tmp_path / "lab_a.h5ad"
+    tiny().write_h5ad(good)
+    assert read_site_h5ad(good, "lab-a").n_obs == 40
+    csv = tmp_path / "counts.csv"
+    csv.write_text("gene,c1\nACTB,1\n")
+    with pytest.raises(
+        SiteDataError, match=r"site 'lab-b': .*counts\.csv is not an \.h5ad file.*anndata\.read_csv"
+    ):
+        read_site_h5ad(csv, "lab-b")
+    cut = tmp_path / "cut.h5ad"
+    cut.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(SiteDataError, match=r"site 'lab-c': .*cut\.h5ad is truncated"):
+        read_site_h5ad(cut, "lab-c")
+    with pytest.raises(SiteDataError, match="is a folder"):
+        read_site_h5ad(tmp_path, "lab-d")
+    with pytest.raises(FileNotFoundError, match=r"site 'lab-e': .*missing\.h5ad: no such file"):
+        read_site_h5ad(tmp_path / "missing.h5ad", "lab-e")
+    with pytest.raises(SiteDataError, match=r"^/|^[A-Za-z]:"):  # no site: the path leads
+        read_site_h5ad(csv)

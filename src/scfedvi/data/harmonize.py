@@ -64,7 +64,9 @@ if TYPE_CHECKING:
 
 
 def gene_universe(
-    gene_lists: Sequence[Sequence[str]], min_sites: int | None = None
+    gene_lists: Sequence[Sequence[str]],
+    min_sites: int | None = None,
+    sites: Sequence[str] | None = None,
 ) -> tuple[str, ...]:
     """Coordinator: the genes every model will use, before gene selection.
 
@@ -75,6 +77,9 @@ def gene_universe(
     min_sites
         Keep genes measured at ``>= min_sites`` sites (zero-filled elsewhere); ``None``
         keeps genes measured at every site (the intersection).
+    sites
+        The sites' names, in the same order, for the error when no gene is shared (which
+        lists each site's first identifiers and their kind: symbols or Ensembl IDs).
 
     Returns
     -------
@@ -92,10 +97,9 @@ def gene_universe(
             counts[g] = counts.get(g, 0) + 1
     universe = tuple(g for g, c in counts.items() if c >= need)
     if not universe:
-        raise ValueError(
-            f"gene_universe: no gene is measured at {need} of {len(gene_lists)} sites; check "
-            "that sites use the same gene identifiers, or lower min_sites"
-        )
+        from scfedvi.data.gene_ids import no_shared_genes_message
+
+        raise ValueError(no_shared_genes_message(gene_lists, sites, need))
     return universe
 
 
@@ -275,7 +279,9 @@ def harmonize(
     :func:`build_schema`; ``policy`` is every site's :class:`~scfedvi.config.SitePolicy` (or
     one per site; default ``SitePolicy()``), with ``label_key`` as the sites' own label key.
     """
-    universe = gene_universe([site_genes(a, site=s) for s, a in sites.items()], min_sites)
+    universe = gene_universe(
+        [site_genes(a, site=s) for s, a in sites.items()], min_sites, sites=list(sites)
+    )
     held: dict[str, list[str]] = {}
     for s, a in sites.items():
         for b in site_batches(a, site=s, batch_key=batch_key):

@@ -1,5 +1,6 @@
-"""Loaders of the real datasets: the two small files beside the project, and the public
-scIB human pancreas collection (downloaded once into a cache, verified by checksum)."""
+"""Loaders: a site's own ``.h5ad`` (:func:`read_site_h5ad`, with an error naming the site and
+the path when the file is not one), the real datasets beside the project, and the public scIB
+human pancreas collection (downloaded once into a cache, verified by checksum)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scfedvi._constants import DATA_DIR_ENV
-from scfedvi.data.errors import DatasetChecksumError, DatasetUnavailableError
+from scfedvi.data.errors import (
+    DatasetChecksumError,
+    DatasetUnavailableError,
+    SiteDataError,
+    site_prefix,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -32,6 +38,67 @@ SCIB_PANCREAS_FILE = "human_pancreas_norm_complexBatch.h5ad"
 SCIB_PANCREAS_SHA256: str | None = None
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+
+#: File endings of formats that are often passed by mistake, and how to convert them.
+_OTHER_FORMATS = {
+    ".csv": "anndata.read_csv",
+    ".tsv": "anndata.read_csv(path, delimiter='\\t')",
+    ".txt": "anndata.read_text",
+    ".mtx": "scanpy.read_10x_mtx (its folder)",
+    ".loom": "anndata.read_loom",
+    ".h5": "scanpy.read_10x_h5",
+    ".zarr": "anndata.read_zarr",
+    ".rds": "a conversion from R (e.g. zellkonverter or SeuratDisk)",
+}
+
+
+def read_site_h5ad(path: str | os.PathLike, site: str | None = None) -> AnnData:
+    """Read a site's ``.h5ad``; a file that is not one gets an error naming the site and path.
+
+    Parameters
+    ----------
+    path
+        The site's file.
+    site
+        The site's name, for the messages.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file does not exist.
+    SiteDataError
+        When it is a folder, not an HDF5 file (a text file, a CSV, ...), truncated, or an HDF5
+        file that anndata cannot read as AnnData. The message says what to do instead.
+    """
+    import anndata as ad
+    import h5py
+
+    p = Path(path)
+    where = site_prefix(site)
+    if not p.exists():
+        raise FileNotFoundError(f"{where}{p}: no such file")
+    if p.is_dir():
+        raise SiteDataError(f"{where}{p} is a folder, not an .h5ad file; pass the file itself")
+    convert = _OTHER_FORMATS.get(p.suffix.lower())
+    how = (
+        f"read it with {convert} and save it with adata.write_h5ad(...)"
+        if convert
+        else "pass the file written by adata.write_h5ad(...)"
+    )
+    if not h5py.is_hdf5(p):
+        raise SiteDataError(f"{where}{p} is not an .h5ad file (no HDF5 signature): {how}")
+    try:
+        return ad.read_h5ad(p)
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "truncated" in reason:
+            what = "is truncated (an interrupted copy or write?)"
+            fix = "copy or write it again"
+        else:
+            what = "is an HDF5 file that anndata cannot read as AnnData"
+            fix = how
+        raise SiteDataError(f"{where}{p} {what}: {fix} ({type(err).__name__}: {reason})") from err
 
 
 @dataclass(frozen=True)
