@@ -229,7 +229,7 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
             cfg = f"site='{site}' data-path='{path}' state-dir='{work / 'sites'}'"
             sn = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}"]
             start([*sn, "--port", str(_free_port()), "--node-config", cfg])
-        end = time.monotonic() + 60
+        end = time.monotonic() + 300
         while not _listening(port):
             if time.monotonic() > end:
                 raise TimeoutError(

@@ -248,3 +248,27 @@ def test_worker_maps_for_training_and_reads_the_anndata_only_to_embed(
         lf = _fresh(node, schema)[1]
         np.testing.assert_array_equal(worker.data.log_factorial, lf)
         assert np.shares_memory(worker.data.X.data, sd.X.data)
+
+
+def test_setup_round_writes_the_cache_without_torch(site_files, schema, tmp_path):
+    """The setup handlers stay light: writing the cache (log-factorial sums included) does not
+    import torch (only the handlers that train or embed do)."""
+    import subprocess
+    import sys
+
+    schema_file = tmp_path / "schema.json"
+    schema.save(schema_file)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from scfedvi.data.schema import FederationSchema\n"
+        "from scfedvi.flower.node import NodeSettings\n"
+        f"node = NodeSettings('site-a', Path({str(site_files.paths['site-a'])!r}), "
+        f"Path({str(tmp_path / 'state')!r}))\n"
+        f"node.project(FederationSchema.load(Path({str(schema_file)!r})), {BATCH})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "False"
+    assert list((tmp_path / "state").glob("site-a.data-*/log_factorial.npy"))

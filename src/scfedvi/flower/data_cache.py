@@ -102,6 +102,25 @@ def _verify(a: np.ndarray, meta: dict[str, Any]) -> bool:
     return all(zlib.crc32(b[i * BLOCK : (i + 1) * BLOCK]) == blocks[i] for i in picks)
 
 
+def log_factorial_sums(X: Any) -> np.ndarray:
+    """Each cell's sum over genes of ``lgamma(x + 1)`` (float64 arithmetic, float32 result)
+    for CSR counts ``X``: what :attr:`scfedvi.train.local.SiteTensors.log_factorial` computes,
+    the same way (tested equal), without importing torch in the setup round."""
+    from scipy.special import gammaln
+
+    indptr, data = X.indptr, X.data
+    n_cells = X.shape[0]
+    per_cell = np.zeros(n_cells, dtype=np.float64)
+    block = max(1, (1 << 22) // max(1, X.shape[1]))
+    for r0 in range(0, n_cells, block):
+        r1 = min(r0 + block, n_cells)
+        lg = gammaln(data[indptr[r0] : indptr[r1]].astype(np.float64) + 1.0)
+        csum = np.concatenate([[0.0], np.cumsum(lg)])
+        starts = indptr[r0 : r1 + 1] - indptr[r0]
+        per_cell[r0:r1] = csum[starts[1:]] - csum[starts[:-1]]
+    return per_cell.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class CachedSite:
     """A site's data mapped from its cache."""

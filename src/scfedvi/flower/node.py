@@ -190,9 +190,9 @@ class NodeSettings:
 
     def _write_cache(self, cache: DataCache, sd: SiteData) -> np.ndarray:
         """Write ``sd`` and its log-factorial sums (returned) into ``cache``."""
-        from scfedvi.train.local import SiteTensors
+        from scfedvi.flower.data_cache import log_factorial_sums
 
-        log_factorial = SiteTensors(sd.X, sd.batch_index).log_factorial
+        log_factorial = log_factorial_sums(sd.X)  # no torch in the setup round
         try:
             cache.write(sd, log_factorial)
         except OSError as e:
