@@ -47,6 +47,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--old", action="store_true", help="also the protocol before (the anchor)")
     p.add_argument("--old-rounds", type=int, default=10, help="its Lloyd rounds per pass")
     p.add_argument(
+        "--local",
+        default=None,
+        help="local centroids a site sends per global cluster (comma-separated; default: "
+        "scfedvi.federation.balance.LOCAL_PER_CLUSTER)",
+    )
+    p.add_argument(
         "--balance-seeds",
         default=None,
         help="k-means seeds of the balancing on each trained model (the spread of the "
@@ -80,6 +86,10 @@ def main(argv: list[str]) -> int:
     bp = argparse.ArgumentParser()
     add_benchmark_parser(bp.add_subparsers(dest="command"))
     rounds_list = _ints(args.rounds)
+    import scfedvi.federation.balance_site as balance_site
+    from scfedvi.federation.balance import LOCAL_PER_CLUSTER
+
+    args.local = args.local or str(LOCAL_PER_CLUSTER)
     if args.dataset == "simulated" and args.scib:
         p.error("--scib needs a benchmark data set (pancreas or cortex)")
     for n_sites in _ints(args.clients):
@@ -140,7 +150,8 @@ def main(argv: list[str]) -> int:
                     )
                     zs = {n: workers[n].embed(model.params, steps) for n in sites}
                     variants[name] = (zs, args.iterations * (1 + args.old_rounds), secs)
-                for rounds in rounds_list:
+                for rounds, per in [(r, q) for r in rounds_list for q in _ints(args.local)]:
+                    balance_site.LOCAL_PER_CLUSTER = per  # the sites' local summary size
                     fed = replace(
                         cfg.federation,
                         balance_clusters=k,
@@ -153,6 +164,8 @@ def main(argv: list[str]) -> int:
                     model.balance_steps()
                     secs = time.perf_counter() - t1
                     name = f"balanced, K={k}, {args.iterations} passes, 1 + {rounds} rounds{tag}"
+                    if args.local != str(LOCAL_PER_CLUSTER):
+                        name += f", {per} local centroids per cluster"
                     zs = {n: model.get_latent_representation(site=n, write=False) for n in sites}
                     variants[name] = (zs, args.iterations * (1 + rounds), secs)
             model.config = cfg
