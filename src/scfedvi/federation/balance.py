@@ -313,7 +313,7 @@ def balance_in_process(
         return []
     workers = sorted(workers, key=lambda w: w.name)
     index = {w.name: i for i, w in enumerate(workers)}
-    ledger, failed = new_ledger(), set()
+    ledger, failed = new_ledger(), {}
     cache: dict[int, dict[str, np.ndarray]] = {}
 
     def ask(phase: str, steps: list[BalanceStep], centroids: np.ndarray | None) -> list:
@@ -339,10 +339,10 @@ def balance_in_process(
                     )
                 )
             except PolicyRefusal as e:
-                failed.add(w.name)
+                failed[w.name] = str(e)
                 log.warning("balancing: site %r dropped: %s", w.name, e)
         if not replies:
-            raise RuntimeError(f"balancing: no site answered ({sorted(failed)} refused)")
+            raise RuntimeError(f"balancing: no site answered ({failed})")
         return replies
 
     return run_balance(ask, k, fc.balance_iterations, fc.balance_rounds, fc.seed)
