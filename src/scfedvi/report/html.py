@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scfedvi.report.markdown import Block
+from scfedvi.report.markdown import FOLD_LINES, Block, written_now
 
 _CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -21,7 +21,11 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f3f3f3; }
 caption { caption-side: top; text-align: left; font-weight: bold; padding-bottom: 4px; }
-pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+pre { background: #f6f6f6; padding: 0.8em; font-size: 0.85em;
+      white-space: pre-wrap; overflow-wrap: anywhere; }
+.wide { overflow-x: auto; max-width: 100%; }
+details > summary { cursor: pointer; color: #555; }
+.written { color: #666; font-size: 0.9em; margin-top: -0.5em; }
 img { max-width: 100%; }
 figure { margin: 1em 0; } figcaption { font-style: italic; font-size: 0.9em; }
 """
@@ -45,10 +49,11 @@ def table_html(df: pd.DataFrame, caption: str | None = None) -> str:
         for v in row:
             if isinstance(v, float):
                 v = "–" if pd.isna(v) else f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
-            cells.append(f"<td>{html.escape(str(v))}</td>")
+            cells.append(f"<td>{_inline(str(v))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     cap = f"<caption>{_inline(caption)}</caption>" if caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    table = f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="wide">{table}</div>'
 
 
 def image_html(path: str | Path, caption: str) -> str:
@@ -61,13 +66,18 @@ def image_html(path: str | Path, caption: str) -> str:
     )
 
 
-def to_html(blocks: Sequence[Block], title: str) -> str:
-    """Render blocks to one self-contained HTML page."""
+def to_html(blocks: Sequence[Block], title: str, *, written: str | None = None) -> str:
+    """Render blocks to one self-contained HTML page (``written``, default now, under the
+    first ``h1``; long ``pre`` blocks folded, wrapped at the page's edge)."""
     body: list[str] = []
+    stamped = False
     for block in blocks:
         kind = block[0]
         if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{_inline(block[1])}</{kind}>")
+            if kind == "h1" and not stamped:
+                body.append(f'<p class="written">Written {written or written_now()}.</p>')
+                stamped = True
         elif kind == "p":
             body.append(f"<p>{_inline(block[1])}</p>")
         elif kind == "table":
@@ -75,7 +85,12 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
         elif kind == "img":
             body.append(image_html(block[1], block[2]))
         elif kind == "pre":
-            body.append(f"<pre>{html.escape(block[1])}</pre>")
+            text = block[1].rstrip()
+            pre = f"<pre>{html.escape(text)}</pre>"
+            n = text.count("\n") + 1
+            if n > FOLD_LINES:
+                pre = f"<details><summary>{n} lines (click to show)</summary>{pre}</details>"
+            body.append(pre)
         else:
             raise ValueError(f"unknown report block {kind!r}")
     return (

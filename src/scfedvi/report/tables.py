@@ -86,20 +86,44 @@ def scib_summary(
     return out.fillna("–")
 
 
+#: scib-metrics' aggregate scores, the last group of its results table.
+AGGREGATE = ("Batch correction", "Bio conservation", "Total")
+
+
 def scib_detail(
     results: pd.DataFrame, dataset: str, n_sites: int, methods: Sequence[str] | None = None
 ) -> pd.DataFrame | None:
-    """Every scIB metric (mean over seeds) of one data set and number of sites: methods x metrics."""
+    """Every scIB metric (mean over seeds) of one data set and number of sites: methods x metrics.
+
+    Laid out as scib-metrics' results table: the bio-conservation metrics (``bio:``), the
+    batch-correction metrics (``batch:``), then the aggregate scores; methods sorted by Total,
+    best first. Every raw scIB score is better when higher; the best value of each column
+    (ties at the printed precision included) is in bold. Cells have three decimals.
+    """
     cols = [c for c in results.columns if c.startswith(SCIB)]
     if not cols:
         return None
     r = results[(results["dataset"] == dataset) & (results["n_sites"] == n_sites)]
     t = r.groupby("label")[cols].mean().reindex(_order(r, methods))
     t.columns = [c[len(SCIB) :] for c in cols]
-    first = [c for c in ("Total", "Bio conservation", "Batch correction") if c in t]
-    t = t[first + [c for c in t.columns if c not in first]].dropna(axis=1, how="all")
-    t.index.name = "method"
-    return t.round(3)
+    t = t.dropna(axis=1, how="all")
+    bio = [c for c in BIO if c in t]
+    batch = [c for c in BATCH if c in t]
+    agg = [c for c in AGGREGATE if c in t]
+    other = [c for c in t.columns if c not in (*bio, *batch, *agg)]
+    t = t[bio + batch + other + agg]
+    if "Total" in t:
+        t = t.sort_values("Total", ascending=False, kind="stable", na_position="last")
+    out = pd.DataFrame(index=t.index)
+    for c in t.columns:
+        shown = t[c].round(3)
+        best = shown.max()
+        name = f"bio: {c}" if c in bio else f"batch: {c}" if c in batch else c
+        out[name] = [
+            "–" if pd.isna(v) else f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in shown
+        ]
+    out.index.name = "method"
+    return out
 
 
 def fast_scib_total(row: pd.Series) -> float:
