@@ -41,9 +41,11 @@ def _scores(truth, pred) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score
 
     truth, pred = np.asarray(truth, dtype=str), np.asarray(pred, dtype=str)
+    recall = {t: float((pred[truth == t] == t).mean()) for t in np.unique(truth)}
     return {
         "accuracy": float(accuracy_score(truth, pred)),
         "macro_f1": float(f1_score(truth, pred, average="macro", labels=np.unique(truth))),
+        "recall": recall,  # per true label (the confusion matrix's diagonal)
     }
 
 
@@ -213,7 +215,9 @@ def main(argv: list[str]) -> int:
         print(
             f"{args.dataset} hidden={site:14s} {method:16s} accuracy {scores['accuracy']:.3f} "
             f"macro-F1 {scores['macro_f1']:.3f}"
-            + "".join(f" {k} {v:.3g}" for k, v in {**(extra or {}), **kw}.items()),
+            + "".join(f" {k} {v:.3g}" for k, v in {**(extra or {}), **kw}.items())
+            + "\n    recall: "
+            + ", ".join(f"{t} {r:.2f}" for t, r in scores["recall"].items()),
             flush=True,
         )
         with open(args.out, "a") as f:

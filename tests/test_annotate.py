@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -194,3 +195,26 @@ def test_cli_annotate_then_embed_predict_a_new_site(fitted, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "site 'b': obs['ct'] (the label column) is missing; add it" in err
+
+
+def test_classifier_is_averaged_over_the_labelled_sites_only():
+    """A site without labels does not pull the classifier back to the round's start; every
+    other parameter is averaged by cells as in scFedVI."""
+    from scfedvi.annotate.model import LabelCoordinator, _use_module
+    from scfedvi.federation.aggregate import SiteUpdate
+    from scfedvi.module.scanvi import SCANVAE
+
+    cfg = replace(FAST, model=ModelConfig(n_hidden=8, n_latent=3))
+    coord = LabelCoordinator(20, 2, cfg)
+    _use_module(coord, SCANVAE(20, 2, 3, cfg.model), cfg)
+    start = {k: v.copy() for k, v in coord.params.items()}
+    moved = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in start.items()}
+    ups = [
+        SiteUpdate("a", moved, 30, {0: 30}, {"labelled_cells": 25.0}),
+        SiteUpdate("b", start, 90, {1: 90}, {"labelled_cells": 0.0}),
+    ]
+    coord.aggregate(ups)
+    clf = "classifier.classifier.1.weight"
+    np.testing.assert_allclose(coord.params[clf], moved[clf], rtol=1e-6)
+    shared = "decoder.px_decoder.fc_layers.Layer 0.0.bias"
+    np.testing.assert_allclose(coord.params[shared], start[shared] + 0.25, rtol=1e-6)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from scfedvi.config import RunConfig
 from scfedvi.data.errors import SchemaMismatchError
 from scfedvi.data.labels import harmonize_labels, site_label_counts
 from scfedvi.data.schema import FederationSchema, SiteData, project
+from scfedvi.federation.aggregate import SiteUpdate, reject_invalid
+from scfedvi.federation.coordinator import Coordinator
 from scfedvi.module.scanvi import SCANVAE, label_layer_keys
 from scfedvi.train.params import Params, batch_owned_columns, get_state, set_state, shared_keys
 
@@ -222,7 +224,6 @@ class ScFedANVI:
     def train(self) -> pd.DataFrame:
         """Federated scANVI rounds in process (``annotate.n_rounds``); the history."""
         from scfedvi.federation.balance import balance_in_process
-        from scfedvi.federation.coordinator import Coordinator
 
         if not self._site_data:
             raise ValueError("this model has no sites to train on; build it with from_scfedvi")
@@ -230,7 +231,7 @@ class ScFedANVI:
             raise RuntimeError("no initial weights: build the model with ScFedANVI.from_scfedvi")
         cfg = self.train_config()
         workers = [self._worker(n, sd, config=cfg) for n, sd in self._site_data.items()]
-        coord = Coordinator(
+        coord = LabelCoordinator(
             self.schema.n_genes, self.schema.n_batches, cfg, schema_hash=self.schema.hash
         )
         torch.manual_seed(cfg.federation.seed)
@@ -373,6 +374,33 @@ class ScFedANVI:
             f"ScFedANVI({state}; {len(self.sites)} sites, {self.n_labels} labels of "
             f"{self.schema.label_key!r}, unlabelled {self.annotate.unlabeled_category!r})"
         )
+
+
+class LabelCoordinator(Coordinator):
+    """The coordinator of federated scANVI: as scFedVI's, but the classifier is label-owned.
+
+    The classifier's parameters are averaged over the sites weighted by their labelled
+    training cells (the ``labelled_cells`` count each site reports), as batch-owned columns
+    are averaged over the sites holding the batch: a site without labels does not pull the
+    classifier back towards the round's start. Only with plain FedAvg and without DP (whose
+    noised average is kept as it is).
+    """
+
+    def aggregate(self, updates: Sequence[SiteUpdate], dropped: Sequence[str] = ()) -> None:
+        super().aggregate(updates, dropped)
+        if self.config.privacy.clip_norm is not None or self.server_opt.kind != "fedavg":
+            return
+        kept, _ = reject_invalid(updates)
+        w = np.array([u.metrics.get("labelled_cells", 0.0) for u in kept], dtype=np.float64)
+        if w.sum() <= 0:
+            return
+        w /= w.sum()
+        for k in self.keys:
+            if k.startswith("classifier.") and np.issubdtype(self.params[k].dtype, np.floating):
+                avg = sum(
+                    wi * np.asarray(u.params[k], np.float64) for wi, u in zip(w, kept, strict=True)
+                )
+                self.params[k] = np.asarray(avg, dtype=self.params[k].dtype)
 
 
 def scanvi_batch_owned(module: SCANVAE) -> dict[str, tuple[int, int]]:

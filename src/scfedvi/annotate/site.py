@@ -122,11 +122,15 @@ class AnnotateSite(SiteWorker):
                 len(stream),
                 MIN_LABELLED,
             )
-        self.module.labelled_stream = stream if len(stream) >= MIN_LABELLED else None  # type: ignore[assignment]
+        used = len(stream) >= MIN_LABELLED
+        self.module.labelled_stream = stream if used else None  # type: ignore[assignment]
         try:
-            return super().fit(global_params, round_idx, *args, **kwargs)
+            update = super().fit(global_params, round_idx, *args, **kwargs)
         finally:
             self.module.labelled_stream = None  # type: ignore[assignment]
+        # a count, as the batch counts: it weights the classifier's average at the server
+        update.metrics["labelled_cells"] = float(len(stream) if used else 0)
+        return update
 
     def predict(self, global_params: Any, balance: Any = ()) -> tuple[np.ndarray, np.ndarray]:
         """The site's cells: (latent, label probabilities), computed at the site.
