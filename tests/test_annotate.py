@@ -207,6 +207,7 @@ def test_classifier_is_averaged_over_the_labelled_sites_only():
     cfg = replace(FAST, model=ModelConfig(n_hidden=8, n_latent=3))
     coord = LabelCoordinator(20, 2, cfg)
     _use_module(coord, SCANVAE(20, 2, 3, cfg.model), cfg)
+    assert "y_prior" not in coord.params  # fixed at every site: DP noise would break it
     start = {k: v.copy() for k, v in coord.params.items()}
     moved = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in start.items()}
     ups = [

@@ -413,7 +413,8 @@ def scanvi_batch_owned(module: SCANVAE) -> dict[str, tuple[int, int]]:
 def _use_module(coord: Any, module: SCANVAE, cfg: RunConfig) -> None:
     """Point a coordinator built for scVI at the scANVI module and its initial weights."""
     full = get_state(module)
-    coord.keys = shared_keys(module, cfg.federation.norm_stats)
+    # the fixed prior p(y) never travels (DP noise would leave it no distribution)
+    coord.keys = [k for k in shared_keys(module, cfg.federation.norm_stats) if k != "y_prior"]
     coord.params = {k: full[k] for k in coord.keys}
     coord.initial_local = {k: v for k, v in full.items() if k not in set(coord.keys)}
     coord.batch_owned = scanvi_batch_owned(module) if cfg.federation.batch_owned else {}
