@@ -12,12 +12,15 @@ site:
   pooled cells, the same epochs (the anchor of the ratios).
 
 With ``--query``, the hidden site is instead held out of training altogether (a site that
-joins later): scFedVI with ``encode_covariates=True`` (scArches' set-up) and federated scANVI on
-the other two sites, then the new site predicted with the frozen model and after
+joins later): scFedVI and federated scANVI on the other two sites, then the new site predicted
+with the saved model alone (``--query-arch default``), or, with ``encode_covariates=True``
+(scArches' set-up, ``--query-arch encode``), before and after
 :func:`scfedvi.annotate.load_query_data` fine-tuning (its batch's parameters only, at the site).
 
     nice -n 10 python benchmarks/label_transfer.py pancreas --hide segerstolpe --pooled
-    nice -n 10 python benchmarks/label_transfer.py pancreas --hide all --query
+    nice -n 10 python benchmarks/label_transfer.py pancreas --hide segerstolpe --query
+    nice -n 10 python benchmarks/label_transfer.py pancreas --hide segerstolpe --query \
+        --query-arch encode
 
 Prints one line per (hidden site, method) and appends JSON lines (command, versions, seed,
 epochs) to ``--out``.
@@ -139,7 +142,13 @@ def _pooled(sites, hidden, truth, batch_key, model, args):
 
 
 def run_query(adata, parts, hidden, batch_key, label_key, args, emit) -> None:
-    """Hold ``hidden`` out of training; predict it frozen and after query fine-tuning."""
+    """Hold ``hidden`` out of training; predict it with the saved model alone.
+
+    ``--query-arch default``: scFedVI's default architecture (the encoder does not read the
+    batch), the new site predicted with the frozen model. ``encode``: ``encode_covariates=True``
+    (scArches' set-up), the new batch's columns as initialised (0 epochs: what the frozen model
+    gives) and after ``--query-epochs`` of :func:`scfedvi.annotate.load_query_data` at the site.
+    """
     from scfedvi.annotate import load_query_data
 
     sites = {}
@@ -150,18 +159,24 @@ def run_query(adata, parts, hidden, batch_key, label_key, args, emit) -> None:
             sites[name] = a
     new = parts[hidden].copy()
     truth = new.obs[label_key].astype(str).to_numpy()
+    encode = args.query_arch == "encode"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, anvi, t1, t2 = _federated(sites, batch_key, "obs_label", args, encode_covariates=True)
-        frozen = anvi.predict(new, site=hidden, write=False)
-        t0 = time.perf_counter()
-        q = load_query_data(anvi, new, site=hidden, n_epochs=args.query_epochs, seed=args.seed)
-        tq = time.perf_counter() - t0
-        tuned = q.predict(new, site=hidden, write=False)
-    emit(hidden, "new-site-frozen", _scores(truth, frozen), seconds=t1 + t2)
-    emit(
-        hidden, "new-site-query", _scores(truth, tuned), seconds=tq, query_epochs=args.query_epochs
-    )
+        _, anvi, t1, t2 = _federated(sites, batch_key, "obs_label", args, encode_covariates=encode)
+        if not encode:
+            frozen = anvi.predict(new, site=hidden, write=False)
+            emit(hidden, "new-site-frozen", _scores(truth, frozen), seconds=t1 + t2)
+            return
+        for epochs in (0, args.query_epochs):
+            t0 = time.perf_counter()
+            q = load_query_data(anvi, new, site=hidden, n_epochs=epochs, seed=args.seed)
+            tuned = q.predict(new, site=hidden, write=False)
+            emit(
+                hidden,
+                f"new-site-query{epochs}",
+                _scores(truth, tuned),
+                seconds=time.perf_counter() - t0,
+            )
 
 
 def main(argv: list[str]) -> int:
@@ -178,6 +193,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pooled", action="store_true", help="also pooled scANVI (scvi-tools)")
     p.add_argument("--query", action="store_true", help="the new-site experiment instead")
+    p.add_argument("--query-arch", choices=["default", "encode"], default="default")
     p.add_argument("--out", default="label_transfer.jsonl")
     args = p.parse_args(argv)
 
