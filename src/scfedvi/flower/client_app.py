@@ -241,7 +241,6 @@ def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
     """
     from scfedvi.federation.balance import steps_from_arrays
     from scfedvi.federation.balance_site import answer
-    from scfedvi.privacy.policy import QueryLedger, ledger_path
 
     c = msg.content.config_records[m.CONFIG]
     arrays = {
@@ -270,7 +269,7 @@ def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
         seed=int(c[m.SEED]),  # type: ignore[arg-type]
         n_steps=len(steps),
         centroids=None if rec is None else m.record_to_params(rec).get(m.CENTROIDS),
-        ledger=QueryLedger(ledger_path(node.state_dir, node.site, msg.metadata.run_id)),
+        ledger=_ledger(msg, node),  # this run's, in the site's state dir
         policy=getattr(node, "policy", None),  # the site's own (site_handler), or the default
     )
     rd = {m.CLUSTERS: m.params_to_record({"values": values, "counts": counts})}
