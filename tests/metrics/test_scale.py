@@ -66,3 +66,17 @@ def test_lisi_per_cell_is_unchanged_by_blocks_on_real_shapes(monkeypatch):
     a = lisi_per_cell(nn, cl)
     monkeypatch.setattr(lisi_mod, "_BLOCK_ROWS", 7)
     np.testing.assert_array_equal(a, lisi_per_cell(nn, cl))
+
+
+def test_auto_uses_approx_above_the_always_threshold_in_any_dimension(monkeypatch):
+    from scfedvi.metrics import neighbors as nb
+
+    calls: list[str] = []
+    monkeypatch.setattr(nb, "_approx", lambda X, k, seed, n_jobs: calls.append("approx"))
+    monkeypatch.setattr(nb, "_exact", lambda X, k, n_jobs: calls.append("exact"))
+    monkeypatch.setattr(nb, "APPROX_ALWAYS_CELLS", 30)
+    monkeypatch.setattr(nb, "_pynndescent_available", lambda: True)
+    rng = np.random.default_rng(0)
+    compute_neighbors(rng.normal(size=(31, 10)))  # above: approximate, even in 10-D
+    compute_neighbors(rng.normal(size=(30, 10)))  # not above, low dimensions: exact
+    assert calls == ["approx", "exact"]

@@ -25,6 +25,11 @@ APPROX_MIN_CELLS = 50_000
 #: ... and only for more dimensions than this: on 100,000 cells (2 cores) a kd-tree takes 5 s
 #: in 10-D and 23 s in 30-D (pynndescent 17 s and 45 s), but 207 s in 50-D (pynndescent 91 s).
 APPROX_MIN_DIMS = 30
+#: ... or above this many cells in any dimension: a kd-tree's cost grows with how mixed the
+#: cells are, and an integrated latent space is mixed. On 100,000 cells in 10-D (2 shared
+#: cores, benchmarks/bench_scale.py) it took 412 s for scFedVI's well-mixed embedding against
+#: 34 s for a clustered one; at 10^6 cells exact search would take hours.
+APPROX_ALWAYS_CELLS = 200_000
 
 
 @dataclass(frozen=True)
@@ -168,8 +173,9 @@ def compute_neighbors(
         cells, every other cell is a neighbour (``k = n_cells - 1``), as in harmonypy.
     method
         ``"exact"`` uses a kd-tree; ``"approx"`` uses pynndescent (falls back to exact when
-        pynndescent is not installed); ``"auto"`` uses approximate search only for more than
-        :data:`APPROX_MIN_CELLS` cells in more than :data:`APPROX_MIN_DIMS` dimensions.
+        pynndescent is not installed); ``"auto"`` uses approximate search for more than
+        :data:`APPROX_MIN_CELLS` cells in more than :data:`APPROX_MIN_DIMS` dimensions, and
+        for more than :data:`APPROX_ALWAYS_CELLS` cells in any.
     seed
         Random seed of the approximate search.
     n_jobs
@@ -194,7 +200,8 @@ def compute_neighbors(
         raise ValueError(f"method must be 'auto', 'exact' or 'approx', got {method!r}")
     k = min(k, n - 1)
     use_approx = method == "approx" or (
-        method == "auto" and n > APPROX_MIN_CELLS and X.shape[1] > APPROX_MIN_DIMS
+        method == "auto"
+        and (n > APPROX_ALWAYS_CELLS or (n > APPROX_MIN_CELLS and X.shape[1] > APPROX_MIN_DIMS))
     )
     if use_approx and _pynndescent_available():
         return _approx(X, k, seed, n_jobs)
