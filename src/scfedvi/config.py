@@ -357,8 +357,13 @@ class SitePolicy:
     max_balance_passes
         Most balancing passes a site answers per run. Default 3 (the runs use 2).
     max_balance_rounds
-        Most cluster-sum queries a site answers per balancing pass. Default 10 (the runs use
-        at most 10).
+        Most cluster-sum queries a site answers per balancing pass. Default 2 (the runs use
+        1): each answer is one more set of cluster means a coordinator that chooses the
+        centroids can difference (the bisecting attack recovered 0 cells with 2 answers and
+        13 of 300 with 30).
+    max_balance_clusters
+        Most clusters a balancing query may ask for. Default 32 (the runs use 8): the cells a
+        chosen-centroid attack can isolate grow with the clusters times the answers.
     """
 
     min_train_cells: int = 16
@@ -376,7 +381,8 @@ class SitePolicy:
     summary_passes: int = 1
     min_cluster_cells: int = 10
     max_balance_passes: int = 3
-    max_balance_rounds: int = 10
+    max_balance_rounds: int = 2
+    max_balance_clusters: int = 32
 
     def __post_init__(self) -> None:
         for name in ("lr_range", "eps_range", "weight_decay_range"):
@@ -395,6 +401,7 @@ class SitePolicy:
             "min_cluster_cells",
             "max_balance_passes",
             "max_balance_rounds",
+            "max_balance_clusters",
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SitePolicy.{name} must be >= 1, got {getattr(self, name)}")

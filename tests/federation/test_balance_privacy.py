@@ -12,11 +12,10 @@ capped by its :class:`~scfedvi.config.SitePolicy`, and refuses the rest. The bou
 a vector is recovered only from the difference of two answered sums queries whose clusters
 differ by exactly that cell, so ``q`` answered sums queries give at most ``q - 1`` vectors by
 this attack; at the default run (2 passes x 1 sums round) that is at most 1, and at the most a
-default policy ever answers (3 passes x 10 rounds = 30 queries, whatever the coordinator
-declares) at most 29 of 300. Measured here: all 300 cells from 448 answers without the
-policy; 0 at the default run; 13 at the policy's most (asserted: at most 5%). The policy's
-defaults leave room for 10 sums rounds a pass, which the two-round protocol does not use: a
-site that sets ``max_balance_rounds=1`` allows at most 2 vectors this way.
+default policy ever answers (3 passes x 2 rounds = 6 queries, whatever the coordinator
+declares) at most 5 of 300. Measured here: all 300 cells from 448 answers without the
+policy; 0 at the default run. A site that widens its policy to 10 sums rounds a pass
+(30 answers) let the attack recover 13 of 300 (asserted: at most 5%).
 """
 
 from __future__ import annotations
@@ -147,13 +146,15 @@ def _declared(iterations: int, rounds: int) -> RunConfig:
     ("iterations", "rounds", "answered"),
     [
         (2, 1, 2),  # the default run: 2 passes x 1 sums round
-        (3, 10, 30),  # the most the default policy answers
-        (100, 1000, 30),  # whatever else the coordinator declares
+        (3, 10, 6),  # the most the default policy answers
+        (100, 1000, 6),  # whatever else the coordinator declares
+        (3, 10, 30),  # a site that widened its policy to 10 sums rounds a pass
     ],
 )
 def test_the_sites_policy_refuses_the_attack_after_its_budget(iterations, rounds, answered):
     z = _cells()
-    query = _PolicyQuery(z, _declared(iterations, rounds))
+    policy = SitePolicy(max_balance_rounds=10) if answered == 30 else None
+    query = _PolicyQuery(z, _declared(iterations, rounds), policy)
     got = _exact(bisecting_attack(query, N_CELLS, N_LATENT), z)
     assert query.answered == answered and query.refusals  # the rest was refused
     assert "budget" in query.refusals[0] or "answers" in query.refusals[0]
@@ -174,3 +175,20 @@ def test_min_cluster_cells_holds_in_process_too():
     strict = _PolicyQuery(z, _declared(2, 1), SitePolicy(min_cluster_cells=300))
     sums, counts = strict(np.stack([(t - 1.0) * u, (t + 1.0) * u]))
     assert not sums.any() and counts.sum() == N_CELLS
+
+
+def test_a_site_refuses_more_clusters_than_its_policy_allows():
+    """More clusters let a chosen-centroid coordinator isolate more cells per answer: a run that
+    declares more than ``SitePolicy.max_balance_clusters`` is refused at its first query."""
+    z = _cells()
+    config = RunConfig(federation=FederationConfig(balance_clusters=64))
+    with pytest.raises(PolicyRefusal, match="max_balance_clusters=32"):
+        answer(
+            "site-a", z, config, phase=CENTROIDS, n_clusters=64, seed=0, n_steps=0,
+            centroids=None, ledger=new_ledger(),
+        )  # fmt: skip
+    ok = answer(
+        "site-a", z, config, phase=CENTROIDS, n_clusters=64, seed=0, n_steps=0,
+        centroids=None, ledger=new_ledger(), policy=SitePolicy(max_balance_clusters=64),
+    )  # fmt: skip
+    assert ok[1].sum() == len(z)

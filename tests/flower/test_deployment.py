@@ -31,7 +31,7 @@ def test_deployment_equals_in_process(cluster, site_files, in_process, tmp_path)
     start_sites(cluster, site_files)
     app_dir = write_app_dir(tmp_path / "app")
     run_id = cluster.run_app(app_dir, flower_run_config(out, **{"payload-log": str(payloads)}))
-    result = wait_result(cluster, out, run_id, timeout=240)
+    result = wait_result(cluster, out, run_id, timeout=420)
     assert result["status"] == "completed", f"{result}\n{cluster.logs()}"
     assert result["rounds"] == 2 and result["sites"] == list(SITES)
     assert result["embedded"] == site_files.n_cells
@@ -47,7 +47,7 @@ def test_deployment_equals_in_process(cluster, site_files, in_process, tmp_path)
 
 
 #: What a reply may carry, by record: (record kind, allowed item names or None for any).
-SETUP_CONFIG = {"site", "genes", "batches", "counts", "labels", "schema-hash"}
+SETUP_CONFIG = {"site", "genes", "batches", "counts", "labels", "schema-hash", "n-cells"}
 ROUND_CONFIG = {"site", "schema-hash", "round", "batch-counts", "n-embedded", "phase"}
 
 

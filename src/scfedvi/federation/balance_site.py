@@ -121,6 +121,13 @@ def answer(
             f"{config.balance_clusters}",
             "ask for the run's declared number of clusters",
         )
+    if n_clusters > policy.max_balance_clusters:
+        raise _refuse(
+            site,
+            f"{n_clusters} clusters asked, above SitePolicy.max_balance_clusters="
+            f"{policy.max_balance_clusters}",
+            "run with fewer balance_clusters (or the site raises SitePolicy.max_balance_clusters)",
+        )
     passes = min(policy.max_balance_passes, fc.balance_iterations)
     rounds = min(policy.max_balance_rounds, fc.balance_rounds)
     if not 0 <= n_steps < passes:
