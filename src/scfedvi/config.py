@@ -361,6 +361,12 @@ class SitePolicy:
         1): each answer is one more set of cluster means a coordinator that chooses the
         centroids can difference (the bisecting attack recovered 0 cells with 2 answers and
         13 of 300 with 30).
+    max_clip_norm
+        ``None`` (default): the site trains with or without differential privacy, as the run
+        says. A number: the site trains only under DP with its update clipped at the site
+        (``PrivacyConfig.clip_at="site"``) to at most this L2 norm, so no reply of its carries
+        more than that bound whatever the coordinator asks; the noise is still added by the
+        coordinator (see ``docs/dp.md``).
     max_balance_clusters
         Most clusters a balancing query may ask for. Default 32 (the runs use 8): the cells a
         chosen-centroid attack can isolate grow with the clusters times the answers.
@@ -383,8 +389,11 @@ class SitePolicy:
     max_balance_passes: int = 3
     max_balance_rounds: int = 2
     max_balance_clusters: int = 32
+    max_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_clip_norm is not None and not float(self.max_clip_norm) > 0:
+            raise ValueError(f"SitePolicy.max_clip_norm must be > 0, got {self.max_clip_norm}")
         for name in ("lr_range", "eps_range", "weight_decay_range"):
             lo, hi = (float(x) for x in getattr(self, name))
             if not 0.0 <= lo <= hi:

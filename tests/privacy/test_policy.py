@@ -276,3 +276,32 @@ def test_the_guides_table_of_defaults_is_sitepolicys():
     assert set(rows) == {f.name for f in dataclasses.fields(SitePolicy)}
     for name, shown in rows.items():
         assert shown == str(getattr(defaults, name)), name
+
+
+def test_a_site_can_require_clipping_its_own_update():
+    """``SitePolicy.max_clip_norm``: the site trains only under DP with its update clipped at
+    the site to at most that bound; any other run configuration is refused, naming the fix."""
+    from scfedvi.config import PrivacyConfig
+
+    policy = SitePolicy(max_clip_norm=0.5)
+    refused = [
+        RunConfig(),  # no DP
+        RunConfig(privacy=PrivacyConfig(clip_norm=0.5, noise_multiplier=1.0, expected_sites=3)),
+        RunConfig(
+            privacy=PrivacyConfig(
+                clip_norm=2.0, noise_multiplier=1.0, expected_sites=3, clip_at="site"
+            )
+        ),
+    ]
+    for cfg in refused:
+        with pytest.raises(PolicyRefusal, match=r"clipped at the site to at most 0\.5"):
+            check_training(policy, "lab-a", cfg, n_train_cells=100)
+    ok = RunConfig(
+        privacy=PrivacyConfig(clip_norm=0.5, noise_multiplier=1.0, expected_sites=3, clip_at="site")
+    )
+    check_training(policy, "lab-a", ok, n_train_cells=100)
+    check_training(
+        SitePolicy(), "lab-a", RunConfig(), n_train_cells=100
+    )  # default: as the run says
+    assert policy_from_node_config({"max-clip-norm": 0.5}).max_clip_norm == 0.5
+    assert policy_from_node_config({"max-clip-norm": 0}).max_clip_norm is None

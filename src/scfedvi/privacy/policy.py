@@ -146,6 +146,7 @@ def check_training(
             f"round {round_idx} is beyond its policy's {policy.max_rounds} rounds per run",
             "start a new run (or the site raises SitePolicy.max_rounds)",
         )
+    _check_site_clipping(policy, site, config)
     for setting, value, field in (
         ("model.likelihood", mdl.likelihood, "allowed_likelihoods"),
         ("model.norm", mdl.norm, "allowed_encoder_norms"),
@@ -157,6 +158,21 @@ def check_training(
                 f"{setting}={value!r} is not among its policy's {list(allowed)}",
                 f"the coordinator must use one of those (or the site adds it to SitePolicy.{field})",
             )
+
+
+def _check_site_clipping(policy: SitePolicy, site: str, config: RunConfig) -> None:
+    """A site with ``max_clip_norm`` trains only when it clips its own update to that bound."""
+    if policy.max_clip_norm is None:
+        return
+    priv = config.privacy
+    if priv.clip_norm is None or priv.clip_at != "site" or priv.clip_norm > policy.max_clip_norm:
+        raise refuse(
+            site,
+            f"privacy.clip_norm={priv.clip_norm!r} with clip_at={priv.clip_at!r}; its policy "
+            f"trains only with its update clipped at the site to at most {policy.max_clip_norm}",
+            f"the coordinator must run with clip_at='site' and clip_norm <= "
+            f"{policy.max_clip_norm} (or the site sets SitePolicy.max_clip_norm=None)",
+        )
 
 
 class PooledBatch(NamedTuple):
@@ -358,6 +374,8 @@ def _coerce(field: dataclasses.Field, value: Any, where: str) -> Any:
             if isinstance(value, str):
                 return tuple(v.strip() for v in value.split(",") if v.strip())
             return tuple(str(v) for v in value)
+        if t == "float | None":  # Flower's config has no null: 0 or "" stand for None
+            return None if value in (0, 0.0, "", "none", "None") else float(value)
         if t == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
