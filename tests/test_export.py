@@ -48,7 +48,7 @@ def trained() -> tuple[ScFedVI, dict[str, ad.AnnData]]:
     config = RunConfig(
         # the encoder sees the batch too, so the latent depends on the one-hot columns' order
         model=ModelConfig(n_hidden=32, n_latent=5, encode_covariates=True),
-        train=TrainConfig(batch_size=64),
+        train=TrainConfig(batch_size=64, local_epochs=20),
         federation=FederationConfig(n_rounds=2, seed=3),
     )
     model = ScFedVI.from_sites(sites, batch_key="batch", n_top_genes=None, config=config)

@@ -326,7 +326,9 @@ class SitePolicy:
         Closed range of the weight decay. Default ``(0.0, 0.01)`` (scvi-tools: 1e-6); a sanity
         bound, not a defence by itself (the coordinator knows the parameters it sent).
     max_local_epochs
-        Most passes over the training cells per round. Default 100 (the schedule uses 20).
+        Most passes over the training cells per round. Default 400: the schedule's whole run
+        never exceeds scvi-tools' 400 epochs, which one round may hold (``n_rounds=1``);
+        below 20,000 cells the default schedule asks for 20.
     max_local_steps
         Most minibatch steps per round when ``local_steps`` is set. Default 10,000.
     max_rounds
@@ -377,7 +379,7 @@ class SitePolicy:
     lr_range: tuple[float, float] = (1e-5, 1e-2)
     eps_range: tuple[float, float] = (1e-8, 0.1)
     weight_decay_range: tuple[float, float] = (0.0, 0.01)
-    max_local_epochs: int = 100
+    max_local_epochs: int = 400
     max_local_steps: int = 10_000
     max_rounds: int = 1000
     allowed_likelihoods: tuple[str, ...] = ("zinb", "nb", "poisson")

@@ -135,6 +135,7 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
     import anndata as ad
     from flower_sites import N_TOP, run_config
 
+    from scfedvi.config import SitePolicy
     from scfedvi.data.errors import SiteDataError
     from scfedvi.data.harmonize import harmonize
     from scfedvi.federation.balance import CENTROIDS, SUMS, BalanceStep, steps_to_arrays
@@ -146,9 +147,12 @@ def test_balancing_messages_reuse_the_sites_embedding(site_files, tmp_path, monk
     schema = harmonize(sites, batch_key="batch", n_top_genes=N_TOP)
     data = tmp_path / "site-a.h5ad"
     shutil.copy(site_files.paths["site-a"], data)
-    node = NodeSettings("site-a", data, tmp_path / "state")
+    # room for the cache's queries: the run declares 10 sums rounds a pass, the site allows them
+    node = NodeSettings(
+        "site-a", data, tmp_path / "state", policy=SitePolicy(max_balance_rounds=10)
+    )
     node.save_schema(schema)
-    cfg = run_config(balance_clusters=3, balance_rounds=10)  # room for the cache's queries
+    cfg = run_config(balance_clusters=3, balance_rounds=10)
     params = get_state(build_module(schema.n_genes, schema.n_batches, cfg.model))
     computed: list[str] = []
     worker = client_app._worker

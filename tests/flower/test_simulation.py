@@ -22,7 +22,7 @@ N_SITES = 20
 
 
 def write_sim_sites(directory: Path, site_files) -> list[str]:
-    """20 sites of 60 cells, cut from the three test sites (each keeps its batch)."""
+    """20 sites of 140 cells, cut from the three test sites (each keeps its batch)."""
     directory.mkdir()
     names = []
     parts = [ad.read_h5ad(p) for p in site_files.paths.values()]
@@ -44,6 +44,7 @@ def test_simulation_engine_20_sites(tmp_path, site_files):
             "num-sites": N_SITES,
             "min-sites": N_SITES,
             "sim-data-dir": str(tmp_path / "sim-data"),
+            "batch-size": 64,  # 126 training cells a site: a minibatch must fit (schedule check)
         }
         run_id = cluster.run_app(
             write_app_dir(tmp_path / "app"),

@@ -50,15 +50,10 @@ def site_handler(fn: Handler) -> Callable[[Message, Context], Message]:
 
     @functools.wraps(fn)
     def wrapper(msg: Message, context: Context) -> Message:
-        from scfedvi.privacy.policy import policy_from_node_config
-
         cfg, settings = run_config_from_flower(context.run_config)
         try:
             cfg = node_device(cfg, context.node_config)  # the site's own device
-            node = NodeSettings.from_configs(context.node_config, settings)
-            # the site's policy travels with its node settings (NodeSettings has no field
-            # for it; a frozen dataclass without slots takes the attribute)
-            object.__setattr__(node, "policy", policy_from_node_config(context.node_config))
+            node = NodeSettings.from_configs(context.node_config, settings)  # policy included
             return Message(fn(msg, node, cfg, settings), reply_to=msg)
         except SiteDataError as e:
             log.error("%s", e)
@@ -107,7 +102,7 @@ def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
         label_key=app_.label_key or None,
         clip_values=clips,
         pooled=pooled,
-        policy=node.policy,  # type: ignore[attr-defined]
+        policy=node.policy,
         ledger=_ledger(msg, node),
     )
     check_summary(s.to_dict(), adata.n_obs, site=node.site)  # the site's own whitelist check
@@ -166,7 +161,7 @@ def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):
     # only the final embedding writes the site's whole AnnData back (with the latent space)
     embedding = getattr(getattr(msg, "metadata", None), "message_type", "") == m.EMBED
     adata = node.read(sch.batch_key) if embedding else None
-    policy = getattr(node, "policy", None)
+    policy = node.policy
     worker = SiteWorker(
         node.site,
         tensors,
@@ -270,7 +265,7 @@ def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
         n_steps=len(steps),
         centroids=None if rec is None else m.record_to_params(rec).get(m.CENTROIDS),
         ledger=_ledger(msg, node),  # this run's, in the site's state dir
-        policy=getattr(node, "policy", None),  # the site's own (site_handler), or the default
+        policy=node.policy,  # the site's own (site_handler), or the default
     )
     rd = {m.CLUSTERS: m.params_to_record({"values": values, "counts": counts})}
     extra = {m.SITE: node.site, m.PHASE: phase}

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scfedvi.config import SitePolicy
 from scfedvi.data.errors import SchemaMismatchError, SiteDataError
 from scfedvi.flower.settings import AppSettings
 
@@ -49,6 +50,9 @@ class NodeSettings:
         Folder for the site's private files (default: ``scfedvi-state`` beside the data).
     batch_key, layer
         The site's own batch column and raw-count layer, if they differ from the run's.
+    policy
+        The site's own :class:`~scfedvi.config.SitePolicy`, read from its node config
+        (:func:`~scfedvi.privacy.policy.policy_from_node_config`), never from the run config.
     """
 
     site: str
@@ -56,6 +60,7 @@ class NodeSettings:
     state_dir: Path
     batch_key: str = ""
     layer: str = ""
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
     @classmethod
     def from_configs(
@@ -82,6 +87,8 @@ class NodeSettings:
                 "\"site='NAME' data-path='/path/site.h5ad'\" (or set sim-data-dir in the run "
                 "config for the simulation engine)"
             )
+        from scfedvi.privacy.policy import policy_from_node_config
+
         state = node_config.get("state-dir") or default_state
         return cls(
             site=site,
@@ -89,6 +96,7 @@ class NodeSettings:
             state_dir=Path(str(state)).expanduser().resolve(),
             batch_key=str(node_config.get("batch-key", "")),
             layer=str(node_config.get("layer", "")),
+            policy=policy_from_node_config(node_config),
         )
 
     # -- files in the site's state folder ----------------------------------------------------
