@@ -335,7 +335,7 @@ def balance_in_process(
                         n_steps=len(steps),
                         centroids=centroids,
                         ledger=ledger,
-                        policy=getattr(w, "policy", None),
+                        policy=w.policy,
                     )
                 )
             except PolicyRefusal as e:
