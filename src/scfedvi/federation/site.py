@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scfedvi.config import RunConfig, SitePolicy
+from scfedvi.config import RunConfig, SitePolicy, TrainConfig
 from scfedvi.federation.aggregate import SiteUpdate
 from scfedvi.federation.balance import BalanceStep, balanced_statistics
 from scfedvi.federation.schedule import site_train_config
@@ -63,12 +63,10 @@ class SiteWorker:
         self.policy = SitePolicy() if policy is None else policy
         self.ledger = QueryLedger() if ledger is None else ledger
 
-    def check_policy(
-        self, round_idx: int, work: tuple[int | None, int | None] | None = None
-    ) -> None:
-        """Refuse a training round the site's policy does not allow (its settings, the round,
-        the run's budget of rounds) with a :class:`~scfedvi.privacy.policy.PolicyRefusal`."""
-        train = self.config.train if work is None else site_train_config(self.config.train, *work)
+    def check_policy(self, round_idx: int, train: TrainConfig) -> None:
+        """Refuse a training round with settings ``train`` that the site's policy does not
+        allow (its settings, the round, the run's budget of rounds) with a
+        :class:`~scfedvi.privacy.policy.PolicyRefusal`."""
         cfg = dataclasses.replace(self.config, train=train)
         n_train = n_train_cells(self.data.n_cells, train.train_size)
         check_training(self.policy, self.name, cfg, n_train, round_idx)
@@ -84,9 +82,9 @@ class SiteWorker:
         """Local update for one round; ``work`` is the schedule's ``(local_epochs,
         local_steps)`` for this site (:meth:`Schedule.work`; ``None``: the configuration's).
         The site's policy is checked first (:meth:`check_policy`)."""
-        self.check_policy(round_idx, work)
-        seed = round_seed(self.config.federation.seed, round_idx)
         train = self.config.train if work is None else site_train_config(self.config.train, *work)
+        self.check_policy(round_idx, train)
+        seed = round_seed(self.config.federation.seed, round_idx)
         result, self.state = local_update(
             self.module,
             global_params,
