@@ -59,9 +59,7 @@ class ModelConfig:
         _check_choice("norm", self.norm, ("batch", "layer", "none"))
         if self.decoder_norm is not None:
             _check_choice("decoder_norm", self.decoder_norm, ("batch", "layer", "none"))
-        for name in ("n_hidden", "n_latent", "n_layers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _check_positive(self, ("n_hidden", "n_latent", "n_layers"))
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
@@ -231,9 +229,7 @@ class FederationConfig:
             raise ValueError(
                 f"FederationConfig.balance_clusters must be >= 0 (0: off), got {self.balance_clusters}"
             )
-        for name in ("balance_iterations", "balance_rounds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FederationConfig.{name} must be >= 1, got {getattr(self, name)}")
+        _check_positive(self, ("balance_iterations", "balance_rounds"))
         _check_choice("norm_stats", self.norm_stats, ("local", "global", "averaged"))
         _check_choice("server_optimizer", self.server_optimizer, ("fedavg", "fedavgm", "fedadam"))
         if self.min_sites < 1:
@@ -401,21 +397,22 @@ class SitePolicy:
             if not 0.0 <= lo <= hi:
                 raise ValueError(f"SitePolicy.{name} must be (low, high) with 0 <= low <= high")
             object.__setattr__(self, name, (lo, hi))
-        for name in (
-            "min_train_cells",
-            "min_batch_size",
-            "max_local_epochs",
-            "max_local_steps",
-            "max_rounds",
-            "min_batch_cells",
-            "summary_passes",
-            "min_cluster_cells",
-            "max_balance_passes",
-            "max_balance_rounds",
-            "max_balance_clusters",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"SitePolicy.{name} must be >= 1, got {getattr(self, name)}")
+        _check_positive(
+            self,
+            (
+                "min_train_cells",
+                "min_batch_size",
+                "max_local_epochs",
+                "max_local_steps",
+                "max_rounds",
+                "min_batch_cells",
+                "summary_passes",
+                "min_cluster_cells",
+                "max_balance_passes",
+                "max_balance_rounds",
+                "max_balance_clusters",
+            ),
+        )
         if self.min_batch_size < 2:
             raise ValueError(f"SitePolicy.min_batch_size must be >= 2, got {self.min_batch_size}")
         if self.min_batch_cells < 2:
@@ -509,6 +506,13 @@ def _refuse_unnoised_channels(cfg: RunConfig) -> None:
                 f"differential privacy (PrivacyConfig.clip_norm={cfg.privacy.clip_norm}) cannot "
                 f"be combined with {setting}: {fix}"
             )
+
+
+def _check_positive(obj: object, names: tuple[str, ...]) -> None:
+    """Every field in ``names`` of the configuration ``obj`` is at least 1."""
+    for name in names:
+        if int(getattr(obj, name)) < 1:
+            raise ValueError(f"{type(obj).__name__}.{name} must be >= 1, got {getattr(obj, name)}")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
