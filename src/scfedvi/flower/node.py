@@ -114,10 +114,10 @@ class NodeSettings:
     # -- data --------------------------------------------------------------------------------
     def read(self, batch_key: str) -> AnnData:
         """The site's AnnData, with its batch column under the federation's ``batch_key``."""
-        import anndata as ad
+        from scfedvi.data.loaders import read_site_h5ad
 
         self._require_data()
-        adata = ad.read_h5ad(self.data_path)
+        adata = read_site_h5ad(self.data_path, self.site)  # not an .h5ad: a clear SiteDataError
         if self.batch_key and self.batch_key != batch_key:
             if self.batch_key not in adata.obs:
                 raise SiteDataError(
