@@ -19,7 +19,9 @@ than ``min_batch_cells`` at a site is counted but not summarised (it is in the s
 selection uses the batches that were summarised), the label key must be allowed, clip values
 are accepted only with pooled moments, and a site answers one summary pass per run.
 
-:func:`harmonize` runs the whole protocol in one process.
+:func:`harmonize` runs the protocol in one process: the orchestration is
+:func:`scfedvi.federation.setup_protocol.run_setup` (the Flower runtime's too), each site's
+answer :func:`scfedvi.federation.setup_site.answer_setup`.
 """
 
 from __future__ import annotations
@@ -274,50 +276,44 @@ def harmonize(
 ) -> FederationSchema:
     """Run the harmonization protocol in one process over ``{site: AnnData}``.
 
-    Each site's data is read only by the site-side functions; the coordinator side sees the
-    summaries only. Parameters are those of :func:`gene_universe`, :func:`site_summary` and
-    :func:`build_schema`; ``policy`` is every site's :class:`~scfedvi.config.SitePolicy` (or
+    The in-process transport of :func:`~scfedvi.federation.setup_protocol.run_setup`: its
+    ``ask`` calls each site's :func:`~scfedvi.federation.setup_site.answer_setup`, so a site's
+    data is read only there and the coordinator side sees the replies only. Parameters are
+    those of :func:`gene_universe`, :func:`site_summary` and :func:`build_schema`; ``policy`` is every site's :class:`~scfedvi.config.SitePolicy` (or
     one per site; default ``SitePolicy()``), with ``label_key`` as the sites' own label key.
     """
-    universe = gene_universe(
-        [site_genes(a, site=s) for s, a in sites.items()], min_sites, sites=list(sites)
-    )
-    held: dict[str, list[str]] = {}
-    for s, a in sites.items():
-        for b in site_batches(a, site=s, batch_key=batch_key):
-            held.setdefault(b, []).append(s)
-    shared = {b for b, holders in held.items() if len(holders) > 1}
-    kw: dict[str, Any] = {"batch_key": batch_key, "genes": universe, "layer": layer}
-    kw["label_key"] = label_key
+    from scfedvi.federation import setup_protocol
+    from scfedvi.federation.setup_protocol import SetupQuery
+    from scfedvi.federation.setup_site import answer_setup
     from scfedvi.privacy.policy import QueryLedger, site_policy
 
     ledger = QueryLedger()  # each site's query budget for this run
     pol = {s: site_policy(policy, s).allowing_label_key(label_key) for s in sites}
-    summaries = [
-        site_summary(a, site=s, pooled_batches=shared, policy=pol[s], ledger=ledger, **kw)
-        for s, a in sites.items()
-    ]
-    if shared:  # those sites fit the pooled moments of the batches summarised by several
-        pooled, clips = pooled_moments(summaries), batch_clip_values(summaries)
-        summaries = [
-            site_summary(
-                sites[x.site],
-                site=x.site,
-                pooled={b: pooled[b] for b in x.stats if b in pooled},
-                clip_values={b: clips[b] for b in x.stats if b in clips},
-                policy=pol[x.site],
+
+    def ask(step: str, queries: Mapping[str, SetupQuery] | None) -> dict[str, Any]:
+        asked = queries if queries is not None else {s: SetupQuery(step) for s in sites}
+        return {
+            s: answer_setup(
+                q,
+                sites[s],
+                site=s,
+                batch_key=batch_key,
+                layer=layer,
+                label_key=label_key,
+                policy=pol[s],
                 ledger=ledger,
-                **kw,
             )
-            if set(x.stats) & shared
-            else x
-            for x in summaries
-        ]
-    return build_schema(
-        summaries,
+            for s, q in asked.items()
+        }
+
+    schema, _ = setup_protocol.run_setup(
+        ask,
+        list(sites),
         batch_key=batch_key,
         n_top_genes=n_top_genes,
+        min_sites_per_gene=min_sites,
         label_key=label_key,
         labels=labels,
         layer=layer,
     )
+    return schema

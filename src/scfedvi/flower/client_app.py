@@ -66,48 +66,38 @@ def _config(**values) -> ConfigRecord:
     return ConfigRecord(values)
 
 
+def _answer_setup(msg: Message, node: NodeSettings, app_: AppSettings, step: str) -> RecordDict:
+    """A setup query through :func:`scfedvi.federation.setup_site.answer_setup` (the site's
+    policy, its query budget for this run and the summary whitelist: the same function as in
+    process)."""
+    from scfedvi.federation.setup_site import answer_setup
+    from scfedvi.flower.setup import record_to_query, reply_to_record
+
+    reply = answer_setup(
+        record_to_query(msg.content, step),
+        node.read(app_.batch_key),
+        site=node.site,
+        batch_key=app_.batch_key,
+        layer=node.layer_or(app_.layer),
+        label_key=app_.label_key or None,
+        policy=node.policy,
+        ledger=_ledger(msg, node),
+    )
+    return reply_to_record(reply)
+
+
 @app.query("genes")
 @site_handler
 def genes(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
-    """Setup 1: the gene names the site measured."""
-    from scfedvi.data.harmonize import site_genes
-
-    adata = node.read(app_.batch_key)
-    names = list(site_genes(adata, site=node.site))
-    return RecordDict({m.CONFIG: _config(**{m.SITE: node.site, "genes": names})})
+    """Setup 1: the gene names the site measured and its cells per batch."""
+    return _answer_setup(msg, node, app_, "genes")
 
 
 @app.query("summary")
 @site_handler
 def summary(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
     """Setup 2: per-batch, per-gene summaries over the server's gene universe."""
-    from scfedvi.data.harmonize import site_summary
-    from scfedvi.federation.payload import check_summary
-
-    adata = node.read(app_.batch_key)
-    universe = tuple(str(g) for g in msg.content.config_records[m.CONFIG]["genes"])  # type: ignore[union-attr]
-    clips = pooled = None
-    if m.STATS in msg.content:  # the second pass: pooled moments, clip values fitted on them
-        clips = {
-            b: v.tolist() for b, v in m.record_to_params(msg.content.array_records[m.STATS]).items()
-        }
-        rec = msg.content.array_records.get(m.POOLED)
-        pooled = {} if rec is None else m.record_to_pooled(rec)
-    s = site_summary(
-        adata,
-        site=node.site,
-        batch_key=app_.batch_key,
-        genes=universe,
-        layer=node.layer_or(app_.layer),
-        label_key=app_.label_key or None,
-        clip_values=clips,
-        pooled=pooled,
-        policy=node.policy,
-        ledger=_ledger(msg, node),
-    )
-    check_summary(s.to_dict(), adata.n_obs, site=node.site)  # the site's own whitelist check
-    cfg_rec, arrays = m.summary_to_records(s)
-    return RecordDict({m.CONFIG: cfg_rec, m.STATS: arrays})
+    return _answer_setup(msg, node, app_, "summary")
 
 
 @app.query("schema")
@@ -129,12 +119,23 @@ def schema(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) 
 
 
 def _ledger(msg: Message, node: NodeSettings):
-    """The site's query budget for this Flower run, kept in its state folder (in memory for
-    a message without Flower's metadata: a test calling a handler directly)."""
+    """The site's query budget for this Flower run, kept in its state folder, with its
+    record of all the runs it answered on its data file (``SitePolicy.max_runs``,
+    ``max_total_epsilon``: :mod:`scfedvi.privacy.run_budget`); in memory for a message
+    without Flower's metadata (a test calling a handler directly)."""
     from scfedvi.privacy.policy import QueryLedger, ledger_path
+    from scfedvi.privacy.run_budget import RunLedger, runs_ledger_path
 
     run_id = getattr(getattr(msg, "metadata", None), "run_id", None)
-    return QueryLedger(None if run_id is None else ledger_path(node.state_dir, node.site, run_id))
+    if run_id is None:
+        return QueryLedger(policy=node.policy)
+    runs = RunLedger(runs_ledger_path(node.state_dir, node.site), data_key=str(node.data_path))
+    return QueryLedger(
+        ledger_path(node.state_dir, node.site, run_id),
+        runs=runs,
+        run_id=str(run_id),
+        policy=node.policy,
+    )
 
 
 def _worker(msg: Message, node: NodeSettings, cfg: RunConfig):

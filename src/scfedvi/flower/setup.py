@@ -1,32 +1,36 @@
 """The setup round at the server: harmonize the sites' genes and batches into a schema.
 
-The protocol of :mod:`scfedvi.data.harmonize`, carried by Flower messages: gene names, then
-per-batch per-gene summaries over the universe (again with pooled clip values for batches
-held by several sites), then the schema, which every site checks against its data and keeps.
+The Flower transport of :func:`scfedvi.federation.setup_protocol.run_setup` (the orchestration
+the in-process runtime runs too): each query becomes a message, each site's
+:func:`~scfedvi.federation.setup_site.answer_setup` runs in its ClientApp
+(:mod:`scfedvi.flower.client_app`), and the replies come back by site name. Then the schema,
+which every site checks against its data and keeps (:func:`deliver`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from scfedvi._constants import SCHEMA_HASH
-from scfedvi.data.harmonize import (
-    SiteSummary,
-    batch_clip_values,
-    build_schema,
-    gene_universe,
-    pooled_moments,
-)
 from scfedvi.data.schema import FederationSchema
+from scfedvi.data.summary import SiteSummary
+from scfedvi.federation import setup_protocol
+from scfedvi.federation.setup_protocol import GENES, SUMMARY, SetupQuery, SiteInventory
 from scfedvi.flower import messages as m
-from scfedvi.flower.exchange import Exchange
-from scfedvi.flower.settings import AppSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from scfedvi.flower.exchange import Exchange
+    from scfedvi.flower.settings import AppSettings
 
 log = logging.getLogger(__name__)
+#: The Flower message type of each setup step.
+MESSAGE_TYPE = {GENES: m.GENES, SUMMARY: m.SUMMARY}
 
 
 class SetupError(RuntimeError):
@@ -60,64 +64,104 @@ def _check_enough(ok: dict[int, str], failed: dict[int, str], need: int, step: s
         )
 
 
+# -- the setup queries and replies as Flower records -----------------------------------------
+def query_to_record(q: SetupQuery) -> RecordDict:
+    """A :class:`SetupQuery` as a message's content (the step is the message type)."""
+    if q.step == GENES:
+        return RecordDict({m.CONFIG: ConfigRecord({})})
+    cfg = {"genes": list(q.genes), "batches": list(q.pooled_batches)}
+    rd = RecordDict({m.CONFIG: ConfigRecord(cfg)})  # type: ignore[arg-type]
+    if q.pooled is not None:  # the second pass: pooled moments, clip values fitted on them
+        clips = q.clip_values or {}
+        rd[m.STATS] = m.params_to_record({b: _arr(v) for b, v in clips.items()})
+        rd[m.POOLED] = m.pooled_to_record(q.pooled)
+    return rd
+
+
+def record_to_query(content: RecordDict, step: str) -> SetupQuery:
+    """Inverse of :func:`query_to_record`."""
+    if step == GENES:
+        return SetupQuery(GENES)
+    c = content.config_records[m.CONFIG]
+    universe = tuple(str(g) for g in c["genes"])  # type: ignore[union-attr]
+    shared = tuple(str(b) for b in c.get("batches", []))  # type: ignore[union-attr]
+    if m.STATS not in content:
+        return SetupQuery(SUMMARY, genes=universe, pooled_batches=shared)
+    clips = {b: v.tolist() for b, v in m.record_to_params(content.array_records[m.STATS]).items()}
+    rec = content.array_records.get(m.POOLED)
+    pooled = {} if rec is None else m.record_to_pooled(rec)
+    return SetupQuery(
+        SUMMARY, genes=universe, pooled_batches=shared, pooled=pooled, clip_values=clips
+    )
+
+
+def reply_to_record(reply: SiteInventory | SiteSummary) -> RecordDict:
+    """A site's setup reply as a message's content."""
+    if isinstance(reply, SiteInventory):
+        batches = list(reply.batch_counts)
+        cfg = {
+            m.SITE: reply.site,
+            "genes": list(reply.genes),
+            "batches": batches,
+            "counts": [int(reply.batch_counts[b]) for b in batches],
+        }
+        return RecordDict({m.CONFIG: ConfigRecord(cfg)})  # type: ignore[arg-type]
+    cfg_rec, arrays = m.summary_to_records(reply)
+    return RecordDict({m.CONFIG: cfg_rec, m.STATS: arrays})
+
+
+def record_to_reply(
+    content: RecordDict, step: str, universe: tuple[str, ...]
+) -> SiteInventory | SiteSummary:
+    """Inverse of :func:`reply_to_record` (``universe``: the genes the summary query sent)."""
+    c = content.config_records[m.CONFIG]
+    if step == SUMMARY:
+        return m.records_to_summary(c, content.array_records[m.STATS], universe)
+    batches = [str(b) for b in c.get("batches", [])]  # type: ignore[union-attr]
+    counts = [int(n) for n in c.get("counts", [])]  # type: ignore[union-attr]
+    genes = tuple(str(g) for g in c["genes"])  # type: ignore[union-attr]
+    return SiteInventory(str(c[m.SITE]), genes, dict(zip(batches, counts, strict=True)))
+
+
 def harmonize(
     ex: Exchange, nodes: set[int], app: AppSettings, min_sites: int
 ) -> tuple[FederationSchema, dict[int, str]]:
-    """Genes, summaries (and pooled clip values), schema: returns (schema, node -> site)."""
-    t = app.setup_timeout
-    res = ex.ask({n: RecordDict({m.CONFIG: ConfigRecord({})}) for n in nodes}, m.GENES, t)
-    sites = {n: str(r.content.config_records[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
-    _check_enough(sites, res.failed, min_sites, "gene names")
-    order = sorted(sites, key=lambda n: sites[n])
-    gene_lists = [
-        [str(g) for g in res.ok[n].content.config_records[m.CONFIG]["genes"]]  # type: ignore[union-attr]
-        for n in order
-    ]
-    universe = gene_universe(gene_lists, app.min_sites_per_gene or None)
-    log.info("setup: %d sites, gene universe of %d genes", len(order), len(universe))
+    """:func:`~scfedvi.federation.setup_protocol.run_setup` over Flower messages: returns
+    (schema, node -> site). A step that fewer than ``min_sites`` sites answer (in all) ends
+    the setup with a :class:`SetupError`."""
+    node_of: dict[str, int] = {}
+    live: set[str] = set()
 
-    def ask_summaries(targets: list[int], clips: dict[str, list[float]] | None) -> dict:
-        content = {}
-        for n in targets:
-            rd = RecordDict({m.CONFIG: ConfigRecord({"genes": list(universe)})})
-            if clips is not None:  # the second pass: only the batches this site summarised
-                own = [b for b in summaries[n].stats if b in clips]
-                rd[m.STATS] = m.params_to_record({b: _arr(clips[b]) for b in own})
-                rd[m.POOLED] = m.pooled_to_record({b: pooled[b] for b in own})
-            content[n] = rd
-        r = ex.ask(content, m.SUMMARY, t)
-        ok = {n: sites[n] for n in r.ok}
-        _check_enough(ok, r.failed, min_sites, "summaries")
+    def ask(step: str, queries: Mapping[str, SetupQuery] | None) -> dict[str, Any]:
+        if queries is None:
+            asked = {n: SetupQuery(step) for n in nodes}
+        else:
+            asked = {node_of[s]: q for s, q in queries.items()}
+        res = ex.ask(
+            {n: query_to_record(q) for n, q in asked.items()}, MESSAGE_TYPE[step], app.setup_timeout
+        )
+        names = {n: str(r.content.config_records[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
+        if step == GENES and queries is None:
+            _check_enough(names, res.failed, min_sites, "gene names")
+            node_of.update({s: n for n, s in names.items()})
+            live.update(names.values())
+        else:
+            live.difference_update(s for s, n in node_of.items() if n in res.failed)
+            _check_enough({node_of[s]: s for s in live}, res.failed, min_sites, f"{step}s")
         return {
-            n: m.records_to_summary(
-                x.content.config_records[m.CONFIG], x.content.array_records[m.STATS], universe
-            )
-            for n, x in r.ok.items()
+            names[n]: record_to_reply(r.content, step, asked[n].genes) for n, r in res.ok.items()
         }
 
-    summaries: dict[int, SiteSummary] = {}
-    summaries = ask_summaries(order, None)
-    by_site = [summaries[n] for n in sorted(summaries, key=lambda n: sites[n])]
-    clips = batch_clip_values(by_site)
-    if clips:  # batches summarised by several sites: those sites fit their pooled moments
-        pooled = pooled_moments(by_site)
-        again = [n for n, s in summaries.items() if set(s.stats) & set(clips)]
-        summaries.update(ask_summaries(again, clips))
-    kept = sorted(summaries, key=lambda n: sites[n])
-    schema = build_schema(
-        [summaries[n] for n in kept],
+    schema, kept = setup_protocol.run_setup(
+        ask,
+        None,  # the sites announce themselves: the federation's order is their names sorted
         batch_key=app.batch_key,
         n_top_genes=app.n_top_genes or None,
+        min_sites_per_gene=app.min_sites_per_gene or None,
         label_key=app.label_key or None,
         layer=app.layer or None,
     )
-    log.info(
-        "setup: schema %s (%d genes, %d batches)",
-        schema.short_hash,
-        schema.n_genes,
-        schema.n_batches,
-    )
-    return schema, {n: sites[n] for n in kept}
+    return schema, {node_of[s]: s for s in kept}
 
 
 def _arr(v: list[float]) -> np.ndarray:
