@@ -260,6 +260,14 @@ class PrivacyConfig:
         The neighbouring federations the guarantee is about: ``"add-remove"`` (one site's
         data added or removed, sensitivity ``C``) or ``"replace-one"`` (one site's data
         replaced, sensitivity ``2 C``: the same noise buys a larger epsilon).
+    secure_aggregation
+        Sum the sites' updates under secure aggregation (:mod:`scfedvi.privacy.secagg_protocol`):
+        the coordinator sees the sum of the masked updates only. Needs ``clip_norm`` (the
+        quantization range) with ``clip_at="site"``, and at least 3 sites. With
+        ``noise_multiplier=0`` the sum is FedAvg's (weighted by cells, batch-owned columns by
+        the cells of their batch, of the site-clipped updates); with noise, DP-FedAvg's
+        unweighted sum over ``expected_sites``, the noise added by the coordinator to the
+        unmasked sum (see ``docs/privacy.md``).
     """
 
     clip_norm: float | None = None
@@ -268,10 +276,18 @@ class PrivacyConfig:
     expected_sites: int | None = None
     clip_at: Literal["server", "site"] = "server"
     adjacency: Literal["add-remove", "replace-one"] = "add-remove"
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ValueError(f"PrivacyConfig.clip_norm must be > 0, got {self.clip_norm}")
+        if self.secure_aggregation and (self.clip_norm is None or self.clip_at != "site"):
+            raise ValueError(
+                "PrivacyConfig.secure_aggregation needs each site to clip its own update: set "
+                "clip_norm (the bound on an update's L2 norm, which fixes the quantization "
+                f"range) and clip_at='site' (got clip_norm={self.clip_norm}, "
+                f"clip_at={self.clip_at!r})"
+            )
         _check_choice("clip_at", self.clip_at, ("server", "site"))
         _check_choice("adjacency", self.adjacency, ("add-remove", "replace-one"))
         if self.expected_sites is not None and self.expected_sites < 1:
@@ -368,6 +384,13 @@ class SitePolicy:
     max_balance_clusters
         Most clusters a balancing query may ask for. Default 32 (the runs use 8): the cells a
         chosen-centroid attack can isolate grow with the clusters times the answers.
+    min_secagg_sites
+        Fewest sites in a secure-aggregation roster the site takes part in. Default 3: with 2
+        sites the sum and one's own update give the other's away.
+    require_secure_aggregation
+        ``True``: the site trains only under secure aggregation
+        (``PrivacyConfig.secure_aggregation``) and never sends an unmasked update. Default
+        ``False``.
     """
 
     min_train_cells: int = 16
@@ -388,6 +411,8 @@ class SitePolicy:
     max_balance_rounds: int = 2
     max_balance_clusters: int = 32
     max_clip_norm: float | None = None
+    min_secagg_sites: int = 3
+    require_secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if self.max_clip_norm is not None and not float(self.max_clip_norm) > 0:
@@ -411,6 +436,7 @@ class SitePolicy:
                 "max_balance_passes",
                 "max_balance_rounds",
                 "max_balance_clusters",
+                "min_secagg_sites",
             ),
         )
         if self.min_batch_size < 2:

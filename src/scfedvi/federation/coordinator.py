@@ -189,6 +189,57 @@ class Coordinator:
         if self.checkpoint_dir is not None:
             self.save_checkpoint(self.checkpoint_dir)
 
+    def aggregate_secure(
+        self, result: Any, updates: Sequence[SiteUpdate], *, bound: int, dropped: Sequence[str] = ()
+    ) -> None:
+        """Aggregate one round under secure aggregation: ``result`` is the unmasked sum
+        (:class:`~scfedvi.privacy.secagg_protocol.SecureSum`) of the survivors' vectors,
+        ``updates`` the sites' counts and metrics (no parameters), ``bound`` the public bound
+        the sites pre-scaled with (:func:`~scfedvi.privacy.secagg.secagg_bound`). Under DP
+        the coordinator adds the noise to the unmasked sum (see ``docs/privacy.md``)."""
+        from scfedvi.privacy.dp import secure_gaussian
+        from scfedvi.privacy.secagg import decode_sum, secure_average
+
+        priv, r = self.config.privacy, self.round
+        assert priv.clip_norm is not None
+        alive = set(result.survivors)
+        down = nbytes(self.params)
+        for u in updates:
+            ok = u.site in alive
+            row = {"round": r, "site": u.site, "status": "ok" if ok else "dropped"}
+            row.update({k: float(v) for k, v in u.metrics.items()})
+            row["n_train"] = int(u.num_examples)
+            row.update(bytes_up=int(result.total.nbytes) if ok else 0, bytes_down=down)
+            row["reason"] = "" if ok else f"secure aggregation: {result.dropped.get(u.site, '')}"
+            self.history.append(row)
+        for s in sorted(set(dropped) - {u.site for u in updates}):
+            self.history.append({"round": r, "site": s, "status": "dropped", "bytes_down": down})
+        if len(alive) < self.config.federation.min_sites:
+            raise RoundFailedError(
+                f"round {r}: {len(alive)} sites in the secure sum, fewer than min_sites="
+                f"{self.config.federation.min_sites} (dropped: {sorted(set(dropped))})"
+            )
+        sums, counts = decode_sum(
+            result.total, self.params, self.n_batches, clip_norm=priv.clip_norm, bound=bound
+        )
+        weighted = priv.noise_multiplier == 0
+        divisor = None if weighted else require_expected_sites(priv)
+        avg = secure_average(sums, counts, self.params, self.batch_owned, divisor=divisor)
+        if not weighted:
+            std = priv.noise_multiplier * priv.clip_norm / float(divisor or 1)
+            for k in sums:  # from the OS CSPRNG, added to the unmasked sum
+                g = np.asarray(avg[k])
+                avg[k] = (g.astype(np.float64) + secure_gaussian(g.shape, std)).astype(g.dtype)
+            info = {"dp_noise_std": std, "dp_divisor": float(divisor or 1), "dp_sites": len(alive)}
+            info["dp_epsilon"] = gaussian_epsilon(
+                priv.noise_multiplier, r + 1, priv.delta, priv.adjacency
+            )
+            self.history.append({"round": r, "site": "(server)", "status": "dp", **info})
+        self.params = self.server_opt.step(self.params, avg)
+        self.round += 1
+        if self.checkpoint_dir is not None:
+            self.save_checkpoint(self.checkpoint_dir)
+
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

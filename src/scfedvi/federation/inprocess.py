@@ -232,7 +232,12 @@ def run_in_process(
                 updates = pool.fit(params, r, control, work, ckpt)
             else:
                 updates = [_fit(s, params, r, control, work, ckpt) for s in sites]
-            coordinator.aggregate(updates)
+            if coordinator.config.privacy.secure_aggregation:
+                from scfedvi.federation.secure_round import secure_round_in_process
+
+                secure_round_in_process(coordinator, sites, updates)
+            else:
+                coordinator.aggregate(updates)
             if ckpt is not None and r > 0:
                 for s in sites:
                     _state_path(ckpt, s.name, r - 1).unlink(missing_ok=True)

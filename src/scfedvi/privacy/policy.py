@@ -147,6 +147,13 @@ def check_training(
             "start a new run (or the site raises SitePolicy.max_rounds)",
         )
     _check_site_clipping(policy, site, config)
+    if policy.require_secure_aggregation and not config.privacy.secure_aggregation:
+        raise refuse(
+            site,
+            "a training round without secure aggregation; its policy sends no unmasked update",
+            "the coordinator must run with PrivacyConfig.secure_aggregation=True (or the site "
+            "sets SitePolicy.require_secure_aggregation=False)",
+        )
     for setting, value, field in (
         ("model.likelihood", mdl.likelihood, "allowed_likelihoods"),
         ("model.norm", mdl.norm, "allowed_encoder_norms"),

@@ -15,13 +15,15 @@ Quantization: a clipped update has every coordinate in ``[-C, C]`` (its L2 norm 
 so the decoded sum never wraps. The rounding error of the sum is at most ``n / (2 S)`` per
 coordinate.
 
-Not here: the Flower integration, the key exchange over the network and its authentication
-(a coordinator that substitutes public keys can read updates), and dropout recovery (SecAgg+
-secret-shares each site's key so the others can remove a dropped site's masks; here every
-site must answer, else the sum cannot be unmasked).
+The protocol that runs these over the network, with dropout recovery, is
+:mod:`scfedvi.privacy.secagg_protocol`; what a site sums (its clipped delta, pre-scaled by its
+cell counts, and the counts) is :func:`encode_update` here, and the coordinator's side of it
+:func:`decode_sum` and :func:`secure_average`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -107,3 +109,134 @@ def masked_sum(masked: list[np.ndarray]) -> np.ndarray:
     for m in masked:
         total = (total + np.asarray(m, np.uint64)) % (1 << MOD_BITS)
     return total.astype(np.uint32)
+
+
+# -- what a site sums under secure aggregation ------------------------------------------------
+def _float_keys(global_params: Mapping[str, np.ndarray]) -> list[str]:
+    return [k for k, v in global_params.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+
+def vector_length(global_params: Mapping[str, np.ndarray], n_batches: int) -> int:
+    """Length of the masked vector: every floating-point value, then ``1 + n_batches`` counts."""
+    return sum(int(np.size(global_params[k])) for k in _float_keys(global_params)) + 1 + n_batches
+
+
+def site_weights(
+    num_examples: int, batch_counts: Mapping[int, int], n_batches: int, weighted: bool
+) -> np.ndarray:
+    """The counts a site adds to the sum: its training cells and its cells per batch
+    (``weighted``), or ``1`` and zeros (DP's unweighted sum)."""
+    w = np.zeros(1 + n_batches, np.int64)
+    w[0] = int(num_examples) if weighted else 1
+    if weighted:
+        for b, c in batch_counts.items():
+            w[1 + int(b)] = int(c)
+    return w
+
+
+def encode_update(
+    params: Mapping[str, np.ndarray],
+    global_params: Mapping[str, np.ndarray],
+    weights: np.ndarray,
+    *,
+    batch_owned: Mapping[str, tuple[int, int]],
+    clip_norm: float,
+    bound: int,
+    site: str = "?",
+) -> np.ndarray:
+    """A site's update as the uint32 vector it masks (computed at the site).
+
+    The update is the delta from ``global_params``, clipped to L2 norm ``clip_norm``, every
+    column pre-scaled by its weight over the public ``bound`` (the coordinator's total of
+    cells, which no sum of weights exceeds): ``weights[0]`` for every value, ``weights[1 + b]``
+    for the columns of batch ``b`` in ``batch_owned`` arrays. So every value is within
+    ``[-clip_norm, clip_norm]`` and so is their sum over the sites; it is quantized with
+    :func:`quantize` (``n_sites=1``). The weights follow as integers. The coordinator divides
+    the decoded sums by the summed weights (:func:`decode_sum`).
+    """
+    from scfedvi.privacy.dp import clip_update
+
+    weights = np.asarray(weights, np.int64)
+    if bound < 1 or np.any(weights < 0) or np.any(weights > bound):
+        raise ValueError(
+            f"site {site!r}: secure aggregation weights {weights.tolist()} exceed the bound "
+            f"{bound} the coordinator sent (the federation's total cells); the sum would wrap"
+        )
+    keys = _float_keys(global_params)
+    delta = {
+        k: np.asarray(params[k], np.float64) - np.asarray(global_params[k], np.float64)
+        for k in keys
+    }
+    clipped, _ = clip_update(delta, clip_norm)
+    parts = []
+    for k in keys:
+        w: np.ndarray = np.full(np.shape(clipped[k]), float(weights[0]))
+        if k in batch_owned:
+            axis, first = batch_owned[k]
+            wm = np.moveaxis(w, axis, 0)
+            for b in range(wm.shape[0] - first):
+                wm[first + b] = float(weights[1 + b])
+        parts.append((clipped[k] * w / bound).ravel())
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    return np.concatenate([quantize(values, clip_norm, 1), weights.astype(np.uint32)])
+
+
+def decode_sum(
+    total: np.ndarray,
+    global_params: Mapping[str, np.ndarray],
+    n_batches: int,
+    *,
+    clip_norm: float,
+    bound: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The unmasked uint32 sum as ``(sum_i w_i delta_i per array, summed weights)``."""
+    total = np.asarray(total, np.uint32)
+    counts = total[-(1 + n_batches) :].astype(np.int64)
+    values = dequantize(total[: -(1 + n_batches)], clip_norm, 1) * bound
+    sums, at = {}, 0
+    for k in _float_keys(global_params):
+        size = int(np.size(global_params[k]))
+        sums[k] = values[at : at + size].reshape(np.shape(global_params[k]))
+        at += size
+    return sums, counts
+
+
+def secure_average(
+    sums: Mapping[str, np.ndarray],
+    counts: np.ndarray,
+    global_params: Mapping[str, np.ndarray],
+    batch_owned: Mapping[str, tuple[int, int]],
+    *,
+    divisor: int | None = None,
+) -> dict[str, np.ndarray]:
+    """The new parameters from the decoded sums: ``global + sum_i w_i delta_i / sum_i w_i``
+    (batch-owned columns over the cells of their batch; a batch no survivor holds keeps its
+    columns), or with ``divisor`` (DP's fixed one) ``global + sum_i delta_i / divisor``.
+    Integer buffers keep their global value."""
+    out = {}
+    for k, g in global_params.items():
+        g = np.asarray(g)
+        if k not in sums:
+            out[k] = g.copy()
+            continue
+        if divisor is not None:
+            step = sums[k] / divisor
+        else:
+            if counts[0] <= 0:
+                raise ValueError("secure aggregation: the summed cell count is 0")
+            step = sums[k] / counts[0]
+            if k in batch_owned:
+                axis, first = batch_owned[k]
+                sm, st = np.moveaxis(sums[k], axis, 0), np.moveaxis(step, axis, 0)
+                for b in range(st.shape[0] - first):
+                    c = counts[1 + b] if 1 + b < len(counts) else 0
+                    st[first + b] = sm[first + b] / c if c > 0 else 0.0
+        out[k] = (g.astype(np.float64) + step).astype(g.dtype)
+    return out
+
+
+def secagg_bound(privacy, n_cells: Mapping[str, int]) -> int:
+    """The public bound on the summed weights (see :func:`encode_update`): the federation's
+    cells (FedAvg's weights), or its number of sites (DP's unweighted sum, every weight 1)."""
+    weighted = privacy.noise_multiplier == 0
+    return int(sum(n_cells.values())) if weighted else len(n_cells)

@@ -1,0 +1,248 @@
+"""Secure aggregation's protocol: the sum survives dropouts, a site reveals one kind of share per
+site, too few sites or survivors are refused, and a run's model equals the unmasked run's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig
+from scfedvi.privacy.policy import PolicyRefusal
+from scfedvi.privacy.secagg import decode_sum, encode_update, quantize, scale_for, site_weights
+from scfedvi.privacy.secagg_protocol import (
+    MASKED,
+    SHARES,
+    UNMASK,
+    SecAggError,
+    SiteSession,
+    secure_sum,
+    shamir_reconstruct,
+    shamir_share,
+    threshold_for,
+)
+
+C, D, RUN = 1.0, 4_000, b"run-7"
+
+
+def _updates(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        x = rng.normal(size=D)
+        out[f"site-{i}"] = x / np.linalg.norm(x) * C / n  # so that the sum stays within C
+    return out
+
+
+def _run(n: int, drop: dict[str, str] | None = None, seed: int = 0, threshold=None, tamper=None):
+    """The protocol over ``n`` sites in this process; ``drop``: ``{site: stage}`` from which
+    the site answers nothing; ``tamper(stage, payloads)`` lets a test play the coordinator."""
+    drop = drop or {}
+    ups = _updates(n, seed)
+    sessions = {s: SiteSession(s, RUN, 3) for s in ups}
+    order = ["keys", SHARES, MASKED, UNMASK]
+
+    def gone(site, stage):
+        return site in drop and order.index(drop[site]) <= order.index(stage)
+
+    keys = {s: sess.keys() for s, sess in sessions.items() if not gone(s, "keys")}
+
+    def ask(stage, payloads):
+        if tamper is not None:
+            payloads = tamper(stage, dict(payloads))
+        out = {}
+        for s, p in payloads.items():
+            if gone(s, stage):
+                continue
+            if stage == SHARES:
+                out[s] = sessions[s].shares(p)
+            elif stage == MASKED:
+                out[s] = {"masked": sessions[s].masked(quantize(ups[s], C, 1), p)}
+            else:
+                out[s] = sessions[s].unmask(p)
+        return out
+
+    res = secure_sum(ask, keys, length=D, run_id=RUN, round_idx=3, threshold=threshold)
+    return res, ups, sessions
+
+
+def _decoded(res) -> np.ndarray:
+    return res.total.view(np.int32).astype(np.float64) / scale_for(C, 1)
+
+
+def test_shamir_any_threshold_shares_reconstruct_and_fewer_do_not():
+    secret = bytes(range(32))
+    shares = shamir_share(secret, [1, 2, 3, 4, 5], 3)
+    assert shamir_reconstruct({x: shares[x] for x in (1, 3, 5)}) == secret
+    assert shamir_reconstruct({x: shares[x] for x in (2, 4, 5)}) == secret
+    with pytest.raises(SecAggError):  # two shares of a degree-2 polynomial: not the secret
+        shamir_reconstruct({x: shares[x] for x in (1, 2)})
+    assert threshold_for(3) == 2 and threshold_for(10) == 7
+
+
+def test_the_sum_equals_the_plain_sum_within_quantization_error():
+    res, ups, _ = _run(4)
+    assert res.survivors == sorted(ups) and not res.dropped
+    err = np.abs(_decoded(res) - np.sum(list(ups.values()), axis=0)).max()
+    assert err <= 4 / (2 * scale_for(C, 1)) + 1e-12
+
+
+def test_one_masked_vector_reveals_nothing_testable():
+    ups = _updates(3)
+    sessions = {s: SiteSession(s, RUN, 0) for s in ups}
+    keys = {s: sess.keys() for s, sess in sessions.items()}
+    roster = {
+        "sites": sorted(keys),
+        "mask_pks": [keys[s]["mask_pk"] for s in sorted(keys)],
+        "enc_pks": [keys[s]["enc_pk"] for s in sorted(keys)],
+        "threshold": 2,
+    }
+    cts = {s: sess.shares(roster) for s, sess in sessions.items()}
+    s0 = "site-0"
+    inbox = {
+        "senders": ["site-1", "site-2"],
+        "ciphertexts": [
+            cts[j]["ciphertexts"][cts[j]["to"].index(s0)] for j in ("site-1", "site-2")
+        ],
+    }
+    q = quantize(ups[s0], C, 1)
+    m = sessions[s0].masked(q, inbox)
+    u = m.astype(np.float64) / 2**32
+    assert stats.kstest(u, "uniform").pvalue > 1e-4
+    assert abs(np.corrcoef(u, ups[s0])[0, 1]) < 0.06
+    assert stats.kstest(q.astype(np.float64) / 2**32, "uniform").pvalue < 1e-6  # unmasked: not
+
+
+@pytest.mark.parametrize("stage", [MASKED, UNMASK])
+def test_a_site_dropping_after_stage_2_or_3_is_recovered(stage):
+    # MASKED: the site sent shares, then no masked update (its pair masks are removed);
+    # UNMASK: it sent its masked update, then did not help unmask (the others suffice)
+    res, ups, _ = _run(5, drop={"site-2": stage})
+    in_sum = [s for s in ups if stage == UNMASK or s != "site-2"]
+    assert res.survivors == in_sum
+    want = np.sum([ups[s] for s in in_sum], axis=0)
+    assert np.abs(_decoded(res) - want).max() <= 5 / (2 * scale_for(C, 1)) + 1e-12
+
+
+def test_a_site_refuses_to_reveal_both_shares_of_one_site():
+    _, _, sessions = _run(3)  # every site answered: seed shares of all three were revealed
+    with pytest.raises(PolicyRefusal, match="both the seed share and the key share"):
+        sessions["site-0"].unmask({"survivors": ["site-1", "site-2"]})  # "site-0 dropped"
+    # the same request again is answered (a retry), and reveals the same kinds
+    again = sessions["site-0"].unmask({"survivors": sorted(sessions)})
+    assert set(again["kinds"]) == {"seed"}
+
+
+def test_fewer_than_three_sites_are_refused_by_the_coordinator_and_the_site():
+    with pytest.raises(SecAggError, match="fewer than 3"):
+        _run(2)
+
+    def lift(stage, payloads):  # a coordinator that skips its own check still meets the site's
+        return payloads
+
+    sessions = {s: SiteSession(s, RUN, 0) for s in ("a", "b")}
+    keys = {s: x.keys() for s, x in sessions.items()}
+    roster = {
+        "sites": ["a", "b"],
+        "mask_pks": [keys[s]["mask_pk"] for s in "ab"],
+        "enc_pks": [keys[s]["enc_pk"] for s in "ab"],
+        "threshold": 2,
+    }
+    with pytest.raises(PolicyRefusal, match="min_secagg_sites=3"):
+        sessions["a"].shares(roster)
+
+
+def test_a_minority_threshold_is_refused_at_the_site():
+    with pytest.raises(PolicyRefusal, match="threshold 2 for 5 sites"):
+        _run(5, threshold=2)
+
+
+def test_too_few_survivors_raise_a_clear_error():
+    with pytest.raises(SecAggError, match="fewer than the threshold 2 of 3"):
+        _run(3, drop={"site-0": MASKED, "site-1": MASKED})
+    with pytest.raises(SecAggError, match="stage 'shares'"):
+        _run(4, drop={"site-0": SHARES, "site-1": SHARES})
+
+
+def test_substituted_shares_do_not_authenticate():
+    def swap(stage, payloads):
+        if stage == MASKED:  # the coordinator hands site-0 the ciphertext meant for site-1
+            p = payloads["site-0"]
+            payloads["site-0"] = {**p, "ciphertexts": list(reversed(p["ciphertexts"]))}
+        return payloads
+
+    with pytest.raises(PolicyRefusal, match="do not authenticate"):
+        _run(3, tamper=swap)
+
+
+def test_session_survives_a_round_trip_through_its_state_file():
+    s = SiteSession("a", RUN, 1)
+    keys = s.keys()
+    back = SiteSession.from_dict(s.to_dict())
+    assert back.keys() == keys and back.to_dict() == s.to_dict()
+
+
+def test_encoding_prescales_batch_columns_and_carries_the_counts():
+    g = {"w": np.zeros((2, 4), np.float32), "v": np.zeros(3, np.float32)}
+    p = {"w": np.full((2, 4), 0.1, np.float32), "v": np.full(3, 0.2, np.float32)}
+    owned = {"w": (1, 2)}  # columns 2 and 3 belong to batches 0 and 1
+    w = site_weights(30, {0: 10, 1: 25}, 2, weighted=True)
+    vec = encode_update(p, g, w, batch_owned=owned, clip_norm=10.0, bound=100)
+    sums, counts = decode_sum(vec, g, 2, clip_norm=10.0, bound=100)
+    assert counts.tolist() == [30, 10, 25]
+    np.testing.assert_allclose(sums["w"][:, :2], 0.1 * 30, rtol=1e-6)
+    np.testing.assert_allclose(sums["w"][:, 2], 0.1 * 10, rtol=1e-6)
+    np.testing.assert_allclose(sums["w"][:, 3], 0.1 * 25, rtol=1e-6)
+    np.testing.assert_allclose(sums["v"], 0.2 * 30, rtol=1e-6)
+    with pytest.raises(ValueError, match="exceed the bound"):
+        encode_update(p, g, w, batch_owned=owned, clip_norm=10.0, bound=20)
+
+
+def test_secure_aggregation_needs_site_clipping():
+    with pytest.raises(ValueError, match="clip_at='site'"):
+        PrivacyConfig(secure_aggregation=True, clip_norm=1.0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        PrivacyConfig(secure_aggregation=True, clip_at="site")
+
+
+def _config(priv: PrivacyConfig) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(n_hidden=16, n_latent=3),
+        train=TrainConfig(batch_size=32, local_epochs=1),
+        federation=FederationConfig(n_rounds=2),
+        privacy=priv,
+    )
+
+
+def _sites(adata):
+    b = adata.obs["batch"].to_numpy()
+    # one site per batch and one with both: batch-owned columns are averaged over few sites
+    return {
+        "a": adata[b == "b0"][:70].copy(),
+        "b": adata[b == "b1"][:70].copy(),
+        "c": adata[140:].copy(),
+    }
+
+
+def test_a_secure_run_ends_within_quantization_error_of_the_unmasked_run(small_adata):
+    from scfedvi import ScFedVI
+
+    plain = ScFedVI.from_sites(
+        _sites(small_adata), batch_key="batch", n_top_genes=None, config=_config(PrivacyConfig())
+    )
+    plain.train(progress=False)
+    # a clip norm no update reaches: the secure run sums the same (unclipped) updates
+    priv = PrivacyConfig(clip_norm=1e3, clip_at="site", expected_sites=3, secure_aggregation=True)
+    secure = ScFedVI.from_sites(
+        _sites(small_adata), batch_key="batch", n_top_genes=None, config=_config(priv)
+    )
+    h = secure.train(progress=False)
+    assert (h[h["site"] != "(server)"]["status"] == "ok").all() and len(h) == 6
+    # 3 sites, each value's rounding at most C / 2**32 times the bound over the summed cells
+    diffs = [np.abs(secure.params[k] - plain.params[k]).max() for k in plain.params]
+    assert max(diffs) < 1e-5, max(diffs)
+    # while training moved the model by far more than that
+    from scfedvi.federation.coordinator import Coordinator
+
+    init = Coordinator(60, 2, _config(PrivacyConfig())).params
+    assert max(np.abs(plain.params[k] - init[k]).max() for k in plain.params) > 1e-3
