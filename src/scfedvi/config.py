@@ -391,6 +391,33 @@ class SitePolicy:
         ``True``: the site trains only under secure aggregation
         (``PrivacyConfig.secure_aggregation``) and never sends an unmasked update. Default
         ``False``.
+    max_runs
+        Most runs (Flower run ids; in process, training runs of a ``ScFedVI`` with a
+        ``ledger_dir``) a site answers on one data file, counted in its persistent run ledger
+        (:mod:`scfedvi.privacy.run_budget`). Default 3: every budget above is per run, so a
+        coordinator that may start runs at will multiplies them (averaging DP models of runs
+        with the same settings, differencing runs that differ in one setting, more balancing
+        answers); 3 is one run, one coordinator restart (a resumed Flower run has a new run
+        id) and one spare.
+    run_window_days
+        ``None`` (default): ``max_runs`` counts every run ever joined. A number: only the runs
+        that started within that many days.
+    max_total_epsilon
+        ``None`` (default): no budget. A number: the most epsilon (at ``epsilon_delta``) the
+        site spends over all the DP runs it joins on one data file: it computes each run's
+        epsilon itself from the noise multiplier it receives and the rounds it answered, sums
+        them (basic composition) and refuses a round that would exceed the budget.
+    allow_non_dp_runs
+        Whether the site trains in runs without DP (default ``True``, as the runs' default).
+        ``False``: a run without DP counts as epsilon = inf and is refused, and so is every DP
+        run after the site answered one without DP.
+    epsilon_delta
+        The delta at which the site accounts its epsilon (default 1e-5), whatever delta the
+        run's configuration names (a coordinator could otherwise name a large delta to report
+        a small epsilon).
+    epsilon_adjacency
+        The neighbouring notion of the site's accounting (``"add-remove"``, default, or
+        ``"replace-one"``), whatever the run's configuration names.
     """
 
     min_train_cells: int = 16
@@ -413,10 +440,27 @@ class SitePolicy:
     max_clip_norm: float | None = None
     min_secagg_sites: int = 3
     require_secure_aggregation: bool = False
+    max_runs: int = 3
+    run_window_days: float | None = None
+    max_total_epsilon: float | None = None
+    allow_non_dp_runs: bool = True
+    epsilon_delta: float = 1e-5
+    epsilon_adjacency: Literal["add-remove", "replace-one"] = "add-remove"
 
     def __post_init__(self) -> None:
         if self.max_clip_norm is not None and not float(self.max_clip_norm) > 0:
             raise ValueError(f"SitePolicy.max_clip_norm must be > 0, got {self.max_clip_norm}")
+        for name in ("run_window_days", "max_total_epsilon"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"SitePolicy.{name} must be > 0 (or None), got {value}")
+        if not 0 < self.epsilon_delta < 1:
+            raise ValueError(
+                f"SitePolicy.epsilon_delta must be in (0, 1), got {self.epsilon_delta}"
+            )
+        _check_choice(
+            "SitePolicy.epsilon_adjacency", self.epsilon_adjacency, ("add-remove", "replace-one")
+        )
         for name in ("lr_range", "eps_range", "weight_decay_range"):
             lo, hi = (float(x) for x in getattr(self, name))
             if not 0.0 <= lo <= hi:
@@ -437,6 +481,7 @@ class SitePolicy:
                 "max_balance_rounds",
                 "max_balance_clusters",
                 "min_secagg_sites",
+                "max_runs",
             ),
         )
         if self.min_batch_size < 2:

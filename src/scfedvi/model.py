@@ -28,6 +28,27 @@ MODEL_FILE, SCHEMA_FILE, CONFIG_FILE, HISTORY_FILE, BALANCE_FILE = (
 )
 
 
+def _admit_run(
+    ledger_dir: Path | None,
+    sites: list[str],
+    policy: SitePolicy | Mapping[str, SitePolicy] | None,
+) -> str:
+    """A new run's id; with a ``ledger_dir``, every site admits the run first
+    (:meth:`~scfedvi.privacy.run_budget.RunLedger.admit`), or refuses it with a
+    :class:`~scfedvi.privacy.policy.PolicyRefusal`."""
+    import uuid
+
+    from scfedvi.privacy.policy import site_policy
+    from scfedvi.privacy.run_budget import RunLedger, runs_ledger_path
+
+    run_id = uuid.uuid4().hex
+    if ledger_dir is not None:
+        for site in sites:
+            runs = RunLedger(runs_ledger_path(ledger_dir, site), data_key=site)
+            runs.admit(site, run_id, site_policy(policy, site))
+    return run_id
+
+
 def _tensors(sd: SiteData):
     from scfedvi.train.local import SiteTensors
 
@@ -72,7 +93,12 @@ class ScFedVI:
         self.early_stopped = False
         #: each in-process worker's sites and peak private memory (last training call)
         self.worker_memory: list[dict[str, Any]] = []
+        #: the memory predicted for the last training call (:mod:`scfedvi.federation.memory`)
+        self.memory_estimate: Any = None
         self._site_data: dict[str, SiteData] = {}
+        #: where the simulated sites keep their record of runs (``from_sites(ledger_dir=)``)
+        self.ledger_dir: Path | None = None
+        self.run_id = ""
         # the coordinator and site workers of the last training call (continued by the next)
         self._live: tuple[Any, list[Any]] | None = None
         # the composition-balancing steps of the trained model (None: not computed yet)
@@ -96,6 +122,7 @@ class ScFedVI:
         min_sites_per_gene: int | None = None,
         config: RunConfig | None = None,
         policy: SitePolicy | Mapping[str, SitePolicy] | None = None,
+        ledger_dir: str | os.PathLike | None = None,
     ) -> ScFedVI:
         """Harmonize the sites from their summaries alone, fix the schema, project each site.
 
@@ -121,6 +148,12 @@ class ScFedVI:
             What each simulated site agrees to answer (:class:`~scfedvi.config.SitePolicy`):
             one for every site or ``{site: policy}``; default ``SitePolicy()``. ``label_key``
             is the sites' own label key and is allowed implicitly.
+        ledger_dir
+            A folder where each simulated site keeps its record of the runs it answered
+            (``<site>.runs.json``, as in a Flower site's ``state-dir``): this model is one run
+            (and every ``train(resume=False)`` another), admitted against each site's
+            ``SitePolicy.max_runs`` and, under DP, ``max_total_epsilon``
+            (:mod:`scfedvi.privacy.run_budget`). ``None``: no record across runs.
         """
         if isinstance(sites, ad.AnnData):
             sites = _split(sites, split_key)
@@ -128,6 +161,9 @@ class ScFedVI:
             raise ValueError("split_key is for one AnnData; with a mapping, each entry is a site")
         if not sites:
             raise ValueError("no sites given: pass at least one site's AnnData")
+        # this model's run: every site admits it before it answers the setup summaries
+        ledger = None if ledger_dir is None else Path(ledger_dir)
+        run_id = _admit_run(ledger, list(sites), policy)
         schema = harmonize(
             sites,
             batch_key=batch_key,
@@ -138,7 +174,9 @@ class ScFedVI:
             policy=policy,
         )
         cfg = config or RunConfig()
-        return cls(schema, cfg, sites, layer=layer, policy=policy)
+        model = cls(schema, cfg, sites, layer=layer, policy=policy)
+        model.ledger_dir, model.run_id = ledger, run_id
+        return model
 
     # -- training ----------------------------------------------------------------------------
     def train(
@@ -168,6 +206,7 @@ class ScFedVI:
         """
         from scfedvi.federation.coordinator import Coordinator
         from scfedvi.federation.inprocess import run_in_process
+        from scfedvi.federation.memory import check_sites
 
         if not self._site_data:
             raise ValueError(
@@ -176,6 +215,8 @@ class ScFedVI:
         if resume and checkpoint_dir is None and self._live is not None:
             coord, workers = self._live
         else:
+            if not resume:
+                self._new_run()  # training from the initialization again: another run
             coord = Coordinator(
                 self.schema.n_genes,
                 self.schema.n_batches,
@@ -189,6 +230,9 @@ class ScFedVI:
         self.schedule = coord.schedule
         n_rounds = n_rounds or coord.schedule.rounds
         log.info("%s", coord.schedule.describe())
+        # predicted before any worker starts: refused with the site and the fix if too big
+        self.memory_estimate = check_sites(workers, coord.params, self.config)
+        log.info("%s", self.memory_estimate.describe())
         bar = _progress(n_rounds, progress, initial=min(coord.round, n_rounds))
 
         def on_round(r: int, seconds: float) -> None:
@@ -221,9 +265,32 @@ class ScFedVI:
 
         g, b = self.schema.n_genes, self.schema.n_batches
         return [
-            SiteWorker(n, _tensors(sd), g, b, self.config, policy=site_policy(self.policy, n))
+            SiteWorker(
+                n,
+                _tensors(sd),
+                g,
+                b,
+                self.config,
+                policy=site_policy(self.policy, n),
+                ledger=self._site_ledger(n),
+            )
             for n, sd in self._site_data.items()
         ]
+
+    def _site_ledger(self, site: str):
+        """Site ``site``'s query budget for this model's run, with its record of runs."""
+        from scfedvi.privacy.policy import QueryLedger, site_policy
+        from scfedvi.privacy.run_budget import RunLedger, runs_ledger_path
+
+        pol = site_policy(self.policy, site)
+        if self.ledger_dir is None:
+            return QueryLedger(policy=pol)
+        runs = RunLedger(runs_ledger_path(self.ledger_dir, site), data_key=site)
+        return QueryLedger(runs=runs, run_id=self.run_id, policy=pol)
+
+    def _new_run(self) -> None:
+        """Start a new run, admitted by every site first (with a ``ledger_dir``)."""
+        self.run_id = _admit_run(self.ledger_dir, list(self._site_data), self.policy)
 
     # -- balancing ---------------------------------------------------------------------------
     def balance_steps(self) -> list[Any]:

@@ -70,7 +70,9 @@ class SiteWorker:
         cfg = dataclasses.replace(self.config, train=train)
         n_train = n_train_cells(self.data.n_cells, train.train_size)
         check_training(self.policy, self.name, cfg, n_train, round_idx)
-        self.ledger.spend(self.name, "train", self.policy.max_rounds)
+        self.ledger.spend(  # also admits the run and charges its epsilon (run_budget)
+            self.name, "train", self.policy.max_rounds, privacy=cfg.privacy, policy=self.policy
+        )
 
     def fit(
         self,

@@ -97,3 +97,53 @@ def gaussian_delta_exact(
         return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
     return phi(-epsilon * s + 1 / (2 * s)) - math.exp(epsilon) * phi(-epsilon * s - 1 / (2 * s))
+
+
+def _log_phi(x: float) -> float:
+    """``log Phi(x)`` of the standard normal, finite far into the lower tail."""
+    if x > -35.0:
+        return math.log(0.5 * math.erfc(-x / math.sqrt(2.0)))
+    x2 = x * x  # Mills' ratio series: Phi(x) ~ phi(x)/|x| (1 - 1/x^2 + 3/x^4 - 15/x^6)
+    series = 1.0 - 1.0 / x2 + 3.0 / x2**2 - 15.0 / x2**3
+    return -x2 / 2 - math.log(-x) - 0.5 * math.log(2 * math.pi) + math.log(series)
+
+
+def epsilon_closed_form(
+    noise_multiplier: float, rounds: int, delta: float, adjacency: Adjacency = "add-remove"
+) -> float:
+    """:func:`gaussian_epsilon` from the closed form alone (standard library only).
+
+    Solves :func:`gaussian_delta_exact` for epsilon by bisection, with the second term in log
+    space so that it stays finite for large epsilon. A site uses it to account for the runs it
+    joins (:mod:`scfedvi.privacy.run_budget`) without importing ``dp-accounting``; the tests
+    check it against :func:`gaussian_epsilon`. Returns ``inf`` without noise or when epsilon
+    exceeds 1e6, ``0`` before the first round.
+    """
+    _check(delta)
+    sens = _sensitivity(adjacency)
+    if noise_multiplier <= 0:
+        return float("inf")
+    if rounds <= 0:
+        return 0.0
+    s = noise_multiplier / math.sqrt(rounds) / sens
+
+    def delta_of(eps: float) -> float:
+        a, b = -eps * s + 1 / (2 * s), -eps * s - 1 / (2 * s)
+        return math.exp(_log_phi(a)) - math.exp(eps + _log_phi(b))
+
+    if delta_of(0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while delta_of(hi) > delta:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            return float("inf")
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if delta_of(mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return hi

@@ -22,12 +22,15 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from scfedvi.config import RunConfig, SitePolicy
+from scfedvi.config import PrivacyConfig, RunConfig, SitePolicy
 from scfedvi.data.errors import SiteDataError
+
+if TYPE_CHECKING:
+    from scfedvi.privacy.run_budget import RunLedger
 
 log = logging.getLogger(__name__)
 
@@ -301,12 +304,30 @@ class QueryLedger:
     path
         A JSON file that keeps the counts between processes (Flower: one per run, in the site's
         state folder, :func:`ledger_path`); ``None`` keeps them in memory.
+    counts
+        The counts so far (read from ``path``).
+    runs
+        The site's record of the runs it answered
+        (:class:`~scfedvi.privacy.run_budget.RunLedger`): every answered query admits this
+        run there first (``SitePolicy.max_runs``), and every training round charges its
+        epsilon (``SitePolicy.max_total_epsilon``). Default: in memory, this run only.
+    run_id
+        This run's identifier in ``runs`` (Flower's run id).
+    policy
+        The site's policy the run budget is checked against (default ``SitePolicy()``).
     """
 
     path: Path | None = None
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    runs: RunLedger | None = None
+    run_id: str = "run"
+    policy: SitePolicy | None = None
 
     def __post_init__(self) -> None:
+        if self.runs is None:
+            from scfedvi.privacy.run_budget import RunLedger
+
+            self.runs = RunLedger()
         if self.path is not None:
             self.path = Path(self.path)
             if self.path.exists():
@@ -320,13 +341,24 @@ class QueryLedger:
         """Queries of ``kind`` (and ``key``) the site answered so far in this run."""
         return self.counts.get(self._key(site, kind, key), 0)
 
-    def spend(self, site: str, kind: str, limit: int, key: str = "") -> None:
+    def spend(
+        self,
+        site: str,
+        kind: str,
+        limit: int,
+        key: str = "",
+        *,
+        privacy: PrivacyConfig | None = None,
+        policy: SitePolicy | None = None,
+    ) -> None:
         """Count one more query of ``kind``; refuse it if the site would answer more than
-        ``limit`` of them in this run.
+        ``limit`` of them in this run, or if its run budget refuses the run.
 
         ``key`` names a separate budget within ``kind`` (for example one balancing pass:
         ``spend(site, "balance-sums", policy.max_balance_rounds, key=f"pass-{p}")``); each key
-        has its own count against ``limit``. A refused query is not counted.
+        has its own count against ``limit``. ``privacy``: a training round under these DP
+        settings, charged against ``SitePolicy.max_total_epsilon`` as the run's n-th round.
+        ``policy`` overrides the ledger's. A refused query is not counted.
         """
         k = self._key(site, kind, key)
         n = self.counts.get(k, 0) + 1
@@ -337,6 +369,9 @@ class QueryLedger:
                 f"query {n} of kind {label!r} exceeds its policy's budget of {limit} per run",
                 "start a new run (or the site raises the matching SitePolicy budget)",
             )
+        pol = policy or self.policy or SitePolicy()
+        assert self.runs is not None  # __post_init__
+        self.runs.admit(site, self.run_id, pol, privacy=privacy, rounds=n)
         self.counts[k] = n
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -387,6 +422,17 @@ def _coerce(field: dataclasses.Field, value: Any, where: str) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
+        if t == "bool":
+            if isinstance(value, str):
+                flag = value.strip().lower()
+                if flag not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return flag in ("true", "1", "yes")
+            if value not in (True, False, 0, 1):
+                raise ValueError(value)
+            return bool(value)
+        if t == "float":
+            return float(value)
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"{where}: policy key {_kebab(field.name)!r} has an invalid value {value!r} ({t})"
