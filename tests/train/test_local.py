@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -110,3 +111,31 @@ def test_the_held_out_cells_are_fixed_by_the_seed_and_never_trained_on(monkeypat
     assert result.num_examples == 91
     assert state.epochs_done == 2.0 and result.metrics["steps"] == 2 * 6  # 91 cells / 16
     assert np.isfinite(result.metrics["validation_loss"]) and result.metrics["validation_loss"] > 0
+
+
+def test_the_split_modules_keep_the_public_names_of_train_local():
+    """``train.local`` was split into data, device, embed and the local update; every public
+    name is still importable from ``scfedvi.train.local`` and is the same object."""
+    from scfedvi.train import data, device, local
+    from scfedvi.train import embed as embed_module
+
+    for mod in (data, device, embed_module):
+        for name in set(mod.__all__) & set(local.__all__):
+            assert getattr(local, name) is getattr(mod, name), name
+    assert local.SiteTensors is data.SiteTensors and local.embed is embed_module.embed
+
+
+def test_training_steps_are_local_steps_or_epochs_over_the_training_cells():
+    from scfedvi.config import TrainConfig
+    from scfedvi.train.local import training_steps
+
+    data = SiteTensors(sp.csr_matrix(np.ones((50, 4), np.float32)), np.zeros(50))
+    cells = np.arange(0, 50, 2)  # 25 training cells: minibatches of 10, 10 and 5
+    steps, per_epoch = training_steps(data, cells, TrainConfig(batch_size=10, local_epochs=2), None)
+    batches = list(steps)
+    assert per_epoch == 3 and len(batches) == 6
+    assert sorted(np.concatenate(batches[:3]).tolist()) == cells.tolist()
+    steps, _ = training_steps(data, cells, TrainConfig(batch_size=10, local_steps=4), None)
+    assert [len(b) for b in steps] == [10, 10, 5, 10]
+    with pytest.raises(ValueError, match="resolve the run's schedule"):
+        training_steps(data, cells, TrainConfig(local_epochs=None, local_steps=None), None)
