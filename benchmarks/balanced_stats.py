@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     from scfedvi.benchmark.evaluate import evaluate
     from scfedvi.benchmark.methods import METHODS, scfedvi_config
     from scfedvi.benchmark.plan import plan
-    from scfedvi.benchmark.runner import _task
+    from scfedvi.benchmark.runner import job_task
     from scfedvi.federation.balance import resample_weights
     from scfedvi.metrics import compute_lisi
     from scfedvi.model import ScFedVI
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
                     ["benchmark", args.dataset, "--clients", str(n_sites), "--seeds", str(seed),
                      "--methods", "scfedvi", "--out", "/tmp/balanced-stats-plan"]
                 )  # fmt: skip
-                task = _task(plan(settings_from_args(b))[0][0][1])
+                task = job_task(plan(settings_from_args(b))[0][0][1])
                 adata, batch_key, label_key = task.adata, task.batch_key, task.label_key
                 cfg = scfedvi_config(METHODS["scfedvi"].settings(False), seed)
                 model = ScFedVI.from_sites(
@@ -131,8 +131,8 @@ def main(argv: list[str]) -> int:
                 },
                 index=adata.obs_names,
             )
-            sites = {name: model._site_data[name] for name in model.sites}
-            workers = {w.name: w for w in model._live[1]}
+            sites = {name: model.site_data[name] for name in model.sites}
+            workers = {w.name: w for w in model.site_workers()}
             off = {n: workers[n].embed(model.params, []) for n in sites}
             variants = {"site-local statistics (balancing off)": (off, 0, 0.0)}
             bseeds = [seed] if args.balance_seeds is None else _ints(args.balance_seeds)
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
                 if args.old:
                     t1 = time.perf_counter()
                     steps = _old_protocol(
-                        model._live[1], model.params, k, args.iterations, args.old_rounds, bs
+                        model.site_workers(), model.params, k, args.iterations, args.old_rounds, bs
                     )
                     secs = time.perf_counter() - t1
                     name = (
@@ -159,7 +159,8 @@ def main(argv: list[str]) -> int:
                         balance_rounds=rounds,
                         seed=bs,  # used only by the k-means seeds here (training is done)
                     )
-                    model.config, model._balance = replace(cfg, federation=fed), None
+                    model.config = replace(cfg, federation=fed)
+                    model.set_balance_steps(None)  # computed again for these settings
                     t1 = time.perf_counter()
                     model.balance_steps()
                     secs = time.perf_counter() - t1

@@ -58,7 +58,7 @@ if mode == "h5ad":
 else:
     sd, lf = node.site_data(schema, batch)
     t = SiteTensors(sd.X, sd.batch_index)
-    t._log_factorial = lf
+    t.set_log_factorial(lf)
 ready = time.perf_counter() - t0
 print(json.dumps({"imports_s": imports, "ready_s": ready, "n_cells": t.n_cells,
                   "nnz": int(t.X.nnz), "lf_sum": float(np.sum(lf, dtype=np.float64))}))

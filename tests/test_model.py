@@ -87,7 +87,7 @@ def test_a_model_saved_without_balancing_steps_embeds_unbalanced_and_says_so(
     assert "balance.npz is missing" in caplog.text
     assert loaded.balance_steps() == []
     site = trained.sites["lab-b"].copy()
-    worker_z = {w.name: w for w in trained._live[1]}["lab-b"].embed(trained.params, [])
+    worker_z = {w.name: w for w in trained.site_workers()}["lab-b"].embed(trained.params, [])
     np.testing.assert_allclose(
         loaded.get_latent_representation(site), worker_z, rtol=1e-5, atol=1e-5
     )
@@ -102,6 +102,29 @@ def test_site_with_genes_in_another_order_gets_the_same_embedding(trained):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_the_in_process_federation_is_read_through_public_accessors(trained):
+    """What tools and benchmarks read of an in-process run: the sites' data, the coordinator
+    and the site workers of the last training call, and the balancing steps they may set."""
+    assert set(trained.site_data) == {"lab-a", "lab-b"}
+    assert trained.site_data["lab-a"].X.shape[1] == trained.schema.n_genes
+    with pytest.raises(TypeError):
+        trained.site_data["lab-c"] = trained.site_data["lab-a"]  # read-only
+    coord = trained.coordinator
+    assert coord.round == trained.history["round"].max() + 1
+    assert coord.params is trained.params
+    workers = trained.site_workers()
+    assert [w.name for w in workers] == ["lab-a", "lab-b"]
+    assert workers[0] is trained.site_workers()[0]  # the live workers, not new ones
+    steps = trained.balance_steps()
+    assert steps  # the default balances
+    trained.set_balance_steps([])
+    assert trained.balance_steps() == []
+    trained.set_balance_steps(steps)
+    assert trained.balance_steps() == steps
+    fresh = ScFedVI(trained.schema, FAST)
+    assert fresh.coordinator is None and fresh.site_workers() == []
 
 
 def test_untrained_model_says_so(trained):

@@ -53,7 +53,7 @@ def test_every_round_payload_is_whitelisted(small_adata, monkeypatch, variant):
     for upd in sent:
         assert "validation_loss" in upd.metrics  # 10% of each site's cells held out
         check_update(upd, shapes, control_shapes=ctrl)
-        n_cells = model._site_data[upd.site].n_cells
+        n_cells = model.site_data[upd.site].n_cells
         for k, v in upd.params.items():
             assert n_cells not in np.shape(v), k  # no cell dimension
     if cfg.federation.norm_stats == "local":

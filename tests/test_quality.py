@@ -77,7 +77,7 @@ def test_trap_site_local_statistics_merge_cell_types_when_mixes_differ_strongly(
 
 def _unbalanced(model: ScFedVI) -> np.ndarray:
     """The same trained model's embedding with each site's own statistics (balancing off)."""
-    workers = {w.name: w for w in model._live[1]}
+    workers = {w.name: w for w in model.site_workers()}
     return np.concatenate([workers[s].embed(model.params, []) for s in model.sites])
 
 

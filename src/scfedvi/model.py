@@ -311,8 +311,32 @@ class ScFedVI:
 
         if not self._site_data:
             raise RuntimeError("this model has no sites to compute its balancing steps on")
-        workers = self._live[1] if self._live is not None else self._workers()
-        return balance_in_process(workers, self.params, self.config)  # type: ignore[arg-type]
+        return balance_in_process(self.site_workers(), self.params, self.config)  # type: ignore[arg-type]
+
+    def set_balance_steps(self, steps: list[Any] | None) -> None:
+        """Use ``steps`` (:class:`~scfedvi.federation.balance.BalanceStep`) as the model's
+        balancing steps: those the Flower app computed, or a benchmark's variant. ``None``
+        computes them again in process when :meth:`balance_steps` is next called."""
+        self._balance = None if steps is None else list(steps)
+
+    # -- the in-process federation (for tools, benchmarks and tests) -------------------------
+    @property
+    def site_data(self) -> Mapping[str, SiteData]:
+        """Each in-process site's data projected on the schema (empty for a loaded model)."""
+        from types import MappingProxyType
+
+        return MappingProxyType(self._site_data)
+
+    @property
+    def coordinator(self) -> Any:
+        """The :class:`~scfedvi.federation.coordinator.Coordinator` of the last training call
+        in this session (its history, schedule, validation curve); ``None`` before one."""
+        return None if self._live is None else self._live[0]
+
+    def site_workers(self) -> list[Any]:
+        """The in-process sites (:class:`~scfedvi.federation.site.SiteWorker`: data, replica,
+        private state) of the last training call; new ones if this session has not trained."""
+        return list(self._live[1]) if self._live is not None else self._workers()
 
     # -- embedding ---------------------------------------------------------------------------
     def get_latent_representation(

@@ -138,7 +138,7 @@ def test_early_stopping_ends_a_run_and_the_schedule_is_stored(small_adata, tmp_p
     stopped = _model(replace(FAST, federation=fed), small_adata)
     h = stopped.train(progress=False)
     assert sorted(h["round"].unique()) == [0, 1, 2] and stopped.early_stopped
-    curve = stopped._live[0].validation_curve()
+    curve = stopped.coordinator.validation_curve()
     rows = h[h["round"] == 0]
     assert curve[0][1] == pytest.approx(
         np.average(rows["validation_loss"], weights=rows["n_train"])

@@ -277,7 +277,7 @@ def _privacy_info(model: Any, cfg: RunConfig) -> dict[str, Any]:
     from scfedvi.privacy.accountant import gaussian_epsilon
 
     priv = cfg.privacy
-    sites = [(n, _tensors(sd)) for n, sd in model._site_data.items()]
+    sites = [(n, _tensors(sd)) for n, sd in model.site_data.items()]
     mia = membership_inference(
         model.params, sites, model.schema.n_genes, model.schema.n_batches, cfg
     )

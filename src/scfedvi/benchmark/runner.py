@@ -56,7 +56,8 @@ class BenchmarkRun:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _task(job: Job) -> Task:
+def job_task(job: Job) -> Task:
+    """The data set, site partition and settings of a planned job (what a method trains on)."""
     adata = load_data(job.dataset)
     cells = eval_adata(adata, {s: list(c) for s, c in job.partition})
     return Task(
@@ -105,7 +106,7 @@ def _execute(job: Job, cache_root: str) -> dict[str, Any]:
 def _compute(job: Job, cache: ResultCache, out: dict[str, Any]) -> dict[str, Any]:
     from scfedvi.benchmark.baselines import pca_settings, unintegrated_pca
 
-    task = _task(job)
+    task = job_task(job)
     if cache.has_embedding(job.key):
         result = cache.load_embedding(job.key)
     else:

@@ -292,5 +292,5 @@ def save_model(
     model.params = coord.params
     model.history = history
     model.schedule, model.early_stopped = coord.schedule, coord.early_stopped
-    model._balance = list(steps or [])
+    model.set_balance_steps(list(steps or []))
     model.save(directory, overwrite=True)

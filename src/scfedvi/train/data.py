@@ -60,6 +60,17 @@ class SiteTensors:
         )
         return torch.from_numpy(sub.toarray()), torch.from_numpy(self.batch_index[idx]), nonzero
 
+    def set_log_factorial(self, values: np.ndarray) -> None:
+        """Use precomputed per-cell sums of ``lgamma(x + 1)`` (a site's cache of the setup
+        round: :mod:`scfedvi.flower.data_cache`) instead of computing them."""
+        values = np.asarray(values)
+        if values.shape != (self.n_cells,):
+            raise ValueError(
+                f"log_factorial has shape {values.shape}, expected one value per cell "
+                f"({self.n_cells},); rebuild the site's data cache"
+            )
+        self._log_factorial = values
+
     @property
     def log_factorial(self) -> np.ndarray:
         """Each cell's sum over genes of ``lgamma(x + 1)`` (float64 arithmetic), computed once."""
