@@ -23,6 +23,7 @@ SCHEMA = "query.schema"  # setup 3: the schema; the site checks that its data fi
 TRAIN = "train"  # one round of local training
 BALANCE = "query.balance"  # after training: federated k-means for balanced statistics
 EMBED = "query.embed"  # final: the site embeds its cells locally, returns a count
+SECAGG = "query.secagg"  # secure aggregation's stages 2-4 of a round (scfedvi.flower.secagg)
 
 #: Record names inside a message's content.
 ARRAYS, CONTROL, CONFIG, METRICS, STATS = "arrays", "control", "config", "metrics", "stats"

@@ -102,10 +102,16 @@ def run_federation(
             break
         t0 = time.perf_counter()
         progress.stage = f"round {r}"
-        updates, failed = train_round(ex, coord, fed, r, app.round_timeout)
+        if cfg.privacy.secure_aggregation:  # masked sums, aggregated there
+            from scfedvi.flower.secagg import secure_train_round
+
+            failed = secure_train_round(ex, coord, fed, r, app.round_timeout)
+        else:
+            updates, failed = train_round(ex, coord, fed, r, app.round_timeout)
         dropped += [{"round": r, "site": s, "reason": why} for s, why in failed.items()]
         progress.failed(r, failed)
-        coord.aggregate(updates, dropped=sorted(failed))
+        if not cfg.privacy.secure_aggregation:
+            coord.aggregate(updates, dropped=sorted(failed))
         seconds.append(time.perf_counter() - t0)
         rows = [row for row in coord.history if row.get("round") == r]
         info = progress.round_done(r, rows, failed, seconds[-1])
