@@ -28,7 +28,6 @@ from scfedvi.data.errors import SchemaMismatchError, SiteDataError
 from scfedvi.flower import messages as m
 from scfedvi.flower.device import node_device
 from scfedvi.flower.node import NodeSettings
-from scfedvi.flower.progress import cache_note
 from scfedvi.flower.settings import AppSettings, run_config_from_flower
 
 log = logging.getLogger(__name__)
@@ -201,14 +200,9 @@ def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
     )
     worker.save_state(node.state_path(r))
     node.prune_states(keep_from=r - 1)  # a restarted round r reloads the state of r - 1
-    if cfg.privacy.secure_aggregation:  # the update stays here until it is masked
-        from scfedvi.flower.secagg import site_keys_reply
-
-        return site_keys_reply(msg, node, worker, upd, params, sch.hash, r)
     extra: dict[str, str | list[int]] = {
         m.SITE: node.site,
         m.BATCH_COUNTS: m.batch_counts_to_list(upd.batch_counts),
-        **cache_note(node),  # why the site rebuilt its data cache, if it did
     }
     rd = RecordDict(
         {
@@ -275,17 +269,8 @@ def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
         policy=node.policy,  # the site's own (site_handler), or the default
     )
     rd = {m.CLUSTERS: m.params_to_record({"values": values, "counts": counts})}
-    extra = {m.SITE: node.site, m.PHASE: phase, **cache_note(node)}
+    extra = {m.SITE: node.site, m.PHASE: phase}
     return RecordDict({**rd, m.CONFIG: m.round_config(sch.hash, int(c[m.ROUND]), **extra)})  # type: ignore[arg-type]
-
-
-@app.query("secagg")
-@site_handler
-def secagg(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
-    """Secure aggregation's stages 2-4 of a round (:mod:`scfedvi.flower.secagg`)."""
-    from scfedvi.flower.secagg import site_stage
-
-    return site_stage(msg, node)
 
 
 @app.query("embed")
@@ -305,5 +290,4 @@ def embed(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
     tmp.replace(node.embedded_path)
     node.balance_cache_path.unlink(missing_ok=True)  # the balancing's embedding is done with
     c = {m.SITE: node.site, SCHEMA_HASH: sch.hash, m.N_EMBEDDED: int(z.shape[0])}
-    c.update(cache_note(node))
     return RecordDict({m.CONFIG: _config(**c)})
