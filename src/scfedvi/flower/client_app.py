@@ -200,6 +200,10 @@ def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
     )
     worker.save_state(node.state_path(r))
     node.prune_states(keep_from=r - 1)  # a restarted round r reloads the state of r - 1
+    if cfg.privacy.secure_aggregation:  # the update stays here until it is masked
+        from scfedvi.flower.secagg import site_keys_reply
+
+        return site_keys_reply(msg, node, worker, upd, params, sch.hash, r)
     extra: dict[str, str | list[int]] = {
         m.SITE: node.site,
         m.BATCH_COUNTS: m.batch_counts_to_list(upd.batch_counts),
@@ -271,6 +275,15 @@ def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
     rd = {m.CLUSTERS: m.params_to_record({"values": values, "counts": counts})}
     extra = {m.SITE: node.site, m.PHASE: phase}
     return RecordDict({**rd, m.CONFIG: m.round_config(sch.hash, int(c[m.ROUND]), **extra)})  # type: ignore[arg-type]
+
+
+@app.query("secagg")
+@site_handler
+def secagg(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
+    """Secure aggregation's stages 2-4 of a round (:mod:`scfedvi.flower.secagg`)."""
+    from scfedvi.flower.secagg import site_stage
+
+    return site_stage(msg, node)
 
 
 @app.query("embed")
