@@ -246,3 +246,14 @@ def test_a_secure_run_ends_within_quantization_error_of_the_unmasked_run(small_a
 
     init = Coordinator(60, 2, _config(PrivacyConfig())).params
     assert max(np.abs(plain.params[k] - init[k]).max() for k in plain.params) > 1e-3
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round():
+    from scfedvi.config import SitePolicy
+    from scfedvi.privacy.policy import check_training
+
+    policy = SitePolicy(require_secure_aggregation=True)
+    with pytest.raises(PolicyRefusal, match="without secure aggregation"):
+        check_training(policy, "a", _config(PrivacyConfig()), 100)
+    secure = PrivacyConfig(clip_norm=1.0, clip_at="site", expected_sites=3, secure_aggregation=True)
+    check_training(policy, "a", _config(secure), 100)  # accepted
