@@ -272,3 +272,99 @@ def test_setup_round_writes_the_cache_without_torch(site_files, schema, tmp_path
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "False"
     assert list((tmp_path / "state").glob("site-a.data-*/log_factorial.npy"))
+
+
+class Handlers:
+    """The coordinator's :class:`~scfedvi.flower.exchange.Exchange`, answered by the site's
+    ClientApp handlers in this process (no Flower processes): node id 1 is ``node``."""
+
+    def __init__(self, node: NodeSettings, cfg) -> None:
+        self.node, self.cfg = node, cfg
+
+    def online(self) -> set[int]:
+        return {1}
+
+    def ask(self, targets, message_type, timeout, group_id=""):
+        from scfedvi.flower import client_app
+        from scfedvi.flower import messages as m
+        from scfedvi.flower.exchange import Replies
+        from scfedvi.flower.settings import AppSettings
+
+        handler = {m.TRAIN: client_app.train, m.EMBED: client_app.embed}[message_type]
+        out = Replies()
+        for n, content in targets.items():
+            meta = SimpleNamespace(run_id=1, message_type=message_type)
+            msg = SimpleNamespace(content=content, metadata=meta)
+            rd = handler.__wrapped__(msg, self.node, self.cfg, AppSettings())
+            out.ok[n] = SimpleNamespace(content=rd)
+        return out
+
+
+def test_a_rebuild_is_a_line_in_the_coordinators_log(site_files, schema, tmp_path, caplog):
+    """A site that rebuilds its cache says why in its reply (a fixed phrase, no paths); the
+    coordinator logs it, for a training round and for the embedding."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from scfedvi._constants import SCHEMA_HASH
+    from scfedvi.federation.coordinator import Coordinator
+    from scfedvi.flower import client_app, server_app
+    from scfedvi.flower import messages as m
+    from scfedvi.flower.data_cache import DAMAGED, FILE_CHANGED
+    from scfedvi.flower.progress import DATA_CACHE
+    from scfedvi.flower.settings import AppSettings
+    from scfedvi.flower.setup import Federation
+
+    node = _node(site_files, tmp_path)
+    cfg = run_config(min_sites=1)
+    content = {"schema": schema.to_json(), SCHEMA_HASH: schema.hash}
+    msg = SimpleNamespace(content=RecordDict({m.CONFIG: ConfigRecord(content)}))
+    reply = client_app.schema.__wrapped__(msg, node, cfg, AppSettings())
+    n_cells = int(reply.config_records[m.CONFIG][m.N_CELLS])
+    fed = Federation(schema, {1: node.site}, {node.site: n_cells})
+    coord = Coordinator(schema.n_genes, schema.n_batches, cfg, schema_hash=schema.hash)
+    coord.resolve_schedule(fed.n_cells)
+    ex = Handlers(node, cfg)
+    logger = "scfedvi.flower.server_app"
+
+    def coordinator_log() -> str:  # the coordinator's lines only (not the site's own log)
+        return "\n".join(r.getMessage() for r in caplog.records if r.name == logger)
+
+    with caplog.at_level(logging.INFO, logger):
+        updates, failed = server_app.train_round(ex, coord, fed, 0, 60.0)
+    assert not failed and "rebuilt" not in coordinator_log()  # the setup round's cache
+    coord.aggregate(updates)
+
+    st = node.data_path.stat()  # the site's file changes between two rounds
+    os.utime(node.data_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger):
+        updates, failed = server_app.train_round(ex, coord, fed, 1, 60.0)
+    assert not failed
+    line = f"round 2: site 'site-a' rebuilt its data cache from its data file ({FILE_CHANGED})"
+    assert line in coordinator_log(), caplog.text
+    assert str(tmp_path) not in coordinator_log()  # the reply names no path of the site
+    coord.aggregate(updates)
+
+    (cache,) = node.state_dir.glob("site-a.data-*")
+    raw = bytearray((cache / "data.npy").read_bytes())
+    raw[-5] ^= 0xFF  # a damaged value
+    (cache / "data.npy").write_bytes(bytes(raw))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger):
+        embedded = server_app.embed(ex, coord, fed, 60.0, skip=set())
+    assert embedded == {"site-a": n_cells}
+    line = f"embedding: site 'site-a' rebuilt its data cache from its data file ({DAMAGED})"
+    assert line in coordinator_log(), caplog.text
+    # and a message that maps the cache says nothing
+    msg = SimpleNamespace(
+        content=RecordDict(
+            {
+                m.ARRAYS: m.params_to_record(coord.broadcast()[0]),
+                m.CONFIG: m.round_config(schema.hash, 2, **m.work_to_config(coord.work("site-a"))),
+            }
+        ),
+        metadata=SimpleNamespace(run_id=1, message_type=m.TRAIN),
+    )
+    fresh = NodeSettings(node.site, node.data_path, node.state_dir)
+    out = client_app.train.__wrapped__(msg, fresh, cfg, AppSettings())
+    assert DATA_CACHE not in out.config_records[m.CONFIG]

@@ -28,6 +28,7 @@ from scfedvi.data.errors import SchemaMismatchError, SiteDataError
 from scfedvi.flower import messages as m
 from scfedvi.flower.device import node_device
 from scfedvi.flower.node import NodeSettings
+from scfedvi.flower.progress import cache_note
 from scfedvi.flower.settings import AppSettings, run_config_from_flower
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def train(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
     extra: dict[str, str | list[int]] = {
         m.SITE: node.site,
         m.BATCH_COUNTS: m.batch_counts_to_list(upd.batch_counts),
+        **cache_note(node),  # why the site rebuilt its data cache, if it did
     }
     rd = RecordDict(
         {
@@ -273,7 +275,7 @@ def balance(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings)
         policy=node.policy,  # the site's own (site_handler), or the default
     )
     rd = {m.CLUSTERS: m.params_to_record({"values": values, "counts": counts})}
-    extra = {m.SITE: node.site, m.PHASE: phase}
+    extra = {m.SITE: node.site, m.PHASE: phase, **cache_note(node)}
     return RecordDict({**rd, m.CONFIG: m.round_config(sch.hash, int(c[m.ROUND]), **extra)})  # type: ignore[arg-type]
 
 
@@ -303,4 +305,5 @@ def embed(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -
     tmp.replace(node.embedded_path)
     node.balance_cache_path.unlink(missing_ok=True)  # the balancing's embedding is done with
     c = {m.SITE: node.site, SCHEMA_HASH: sch.hash, m.N_EMBEDDED: int(z.shape[0])}
+    c.update(cache_note(node))
     return RecordDict({m.CONFIG: _config(**c)})

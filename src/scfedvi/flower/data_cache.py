@@ -53,6 +53,14 @@ FORMAT = 1
 EDGE_BYTES = 1 << 20
 MANIFEST = "manifest.json"
 
+#: Why a site rebuilt its cache, as its reply says it (:meth:`DataCache.probe`).
+NO_CACHE = "there was no cache"
+SCHEMA_CHANGED = "the schema changed"
+FILE_CHANGED = "the data file changed"
+SETTINGS_CHANGED = "the layer, batch column or minibatch size changed"
+DAMAGED = "the cache was damaged"
+REBUILD_REASONS = (NO_CACHE, SCHEMA_CHANGED, FILE_CHANGED, SETTINGS_CHANGED, DAMAGED)
+
 
 def file_identity(path: Path) -> dict[str, Any]:
     """Size, modification time (ns) and the SHA-256 of the first and last MiB of ``path``
@@ -174,35 +182,42 @@ class DataCache:
     def load(self) -> CachedSite | None:
         """The mapped arrays if the cache is whole and made for this key; else ``None``, with
         a log line saying why it will be rebuilt."""
+        return self.probe()[0]
+
+    def probe(self) -> tuple[CachedSite | None, str]:
+        """:meth:`load`, and why the cache cannot be used: ``""`` when it can, else one of
+        :data:`REBUILD_REASONS` (a fixed phrase, without paths: what a site's reply may carry;
+        the details go to the site's own log)."""
         try:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             if self._others():
-                return self._miss("it was made for another schema")
+                return self._miss("it was made for another schema", SCHEMA_CHANGED)
             log.info("site %r: no data cache yet in %s", self.key["site"], self.directory)
-            return None
+            return None, NO_CACHE
         except (OSError, ValueError) as e:
-            return self._miss(f"its manifest is unreadable ({e})")
+            return self._miss(f"its manifest is unreadable ({e})", DAMAGED)
         if manifest.get("key") != self.key:
-            return self._miss(self._why_stale(manifest.get("key")))
+            why, status = self._why_stale(manifest.get("key"))
+            return self._miss(why, status)
         arrays: dict[str, np.ndarray] = {}
         for name, meta in manifest.get("arrays", {}).items():
             path = self.directory / f"{name}.npy"
             try:
                 if path.stat().st_size != meta["file_bytes"]:
-                    return self._miss(f"{path.name} has the wrong size (partial write?)")
+                    return self._miss(f"{path.name} has the wrong size (partial write?)", DAMAGED)
                 a = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError, KeyError) as e:
-                return self._miss(f"{path.name} is unreadable ({e})")
+                return self._miss(f"{path.name} is unreadable ({e})", DAMAGED)
             if a.dtype.str != meta["dtype"] or list(a.shape) != meta["shape"]:
-                return self._miss(f"{path.name} has dtype/shape {a.dtype.str}{a.shape}")
+                return self._miss(f"{path.name} has dtype/shape {a.dtype.str}{a.shape}", DAMAGED)
             if not _verify(a, meta):
-                return self._miss(f"{path.name} fails its checksum (corrupt)")
+                return self._miss(f"{path.name} fails its checksum (corrupt)", DAMAGED)
             arrays[name] = a
         try:
-            return self._site(manifest, arrays)
+            return self._site(manifest, arrays), ""
         except (KeyError, ValueError) as e:
-            return self._miss(f"its arrays do not fit together ({e})")
+            return self._miss(f"its arrays do not fit together ({e})", DAMAGED)
 
     def _site(self, manifest: dict[str, Any], a: dict[str, np.ndarray]) -> CachedSite:
         from scipy import sparse
@@ -225,7 +240,7 @@ class DataCache:
             raise ValueError("log_factorial has one value per cell")
         return CachedSite(sd, a["log_factorial"])
 
-    def _miss(self, why: str) -> CachedSite | None:
+    def _miss(self, why: str, status: str) -> tuple[None, str]:
         log.warning(
             "site %r: data cache %s is not usable: %s; rebuilding it from %s",
             self.key["site"],
@@ -233,22 +248,23 @@ class DataCache:
             why,
             self.key["data_path"],
         )
-        return None
+        return None, status
 
-    def _why_stale(self, old: Any) -> str:
+    def _why_stale(self, old: Any) -> tuple[str, str]:
+        """Why a cache with key ``old`` does not serve this key: (detail, status)."""
         if not isinstance(old, dict):
-            return "it has no key"
-        for part, what in (
-            ("format", "it has another format version"),
-            ("site", "it belongs to another site"),
-            ("schema_hash", "it was made for another schema"),
-            ("data_path", "it was made from another data file"),
-            ("file", "the data file changed (size, modification time or content)"),
-            ("config", "the layer, batch column or minibatch size changed"),
+            return "it has no key", DAMAGED
+        for part, what, status in (
+            ("format", "it has another format version", SETTINGS_CHANGED),
+            ("site", "it belongs to another site", SETTINGS_CHANGED),
+            ("schema_hash", "it was made for another schema", SCHEMA_CHANGED),
+            ("data_path", "it was made from another data file", FILE_CHANGED),
+            ("file", "the data file changed (size, modification time or content)", FILE_CHANGED),
+            ("config", "the layer, batch column or minibatch size changed", SETTINGS_CHANGED),
         ):
             if old.get(part) != self.key.get(part):
-                return what
-        return "its key differs"
+                return what, status
+        return "its key differs", DAMAGED
 
     # -- writing -----------------------------------------------------------------------------
     def write(self, sd: SiteData, log_factorial: np.ndarray) -> None:

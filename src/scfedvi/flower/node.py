@@ -61,6 +61,8 @@ class NodeSettings:
     batch_key: str = ""
     layer: str = ""
     policy: SitePolicy = field(default_factory=SitePolicy)
+    #: What :meth:`site_data` did with the data cache in this process (see data_cache_note)
+    _cache_notes: list[str] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def from_configs(
@@ -161,7 +163,8 @@ class NodeSettings:
         """The projected data and each cell's log-factorial sum, mapped from the site's data
         cache; a missing, stale or corrupt cache is rebuilt from ``data-path`` (logged)."""
         cache = self._cache(schema, batch_size)
-        hit = cache.load()
+        hit, why = cache.probe()
+        self._cache_notes.append(why)
         if hit is not None:
             return hit.data, hit.log_factorial
         from scfedvi.data.schema import project
@@ -174,6 +177,13 @@ class NodeSettings:
             batch_size=batch_size,
         )
         return sd, self._write_cache(cache, sd)
+
+    @property
+    def data_cache_note(self) -> str:
+        """Why the last :meth:`site_data` rebuilt the site's data cache (one of
+        :data:`~scfedvi.flower.data_cache.REBUILD_REASONS`: no paths, what the site's reply
+        tells the coordinator); ``""`` if it mapped the cache, or was not called."""
+        return self._cache_notes[-1] if self._cache_notes else ""
 
     def _cache(self, schema: FederationSchema, batch_size: int) -> DataCache:
         from scfedvi.flower.data_cache import DataCache

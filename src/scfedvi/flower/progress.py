@@ -17,6 +17,31 @@ from typing import Any
 
 log = logging.getLogger("scfedvi.flower.server_app")
 
+#: Key of a site's reply (train, balance, embed) saying why it rebuilt its data cache from
+#: its ``.h5ad`` in that message (a phrase of :data:`scfedvi.flower.data_cache.REBUILD_REASONS`);
+#: absent when the site mapped its cache as usual.
+DATA_CACHE = "data-cache"
+
+
+def cache_note(node: Any) -> dict[str, str]:
+    """``{DATA_CACHE: why}`` for a site's reply if this message rebuilt its data cache
+    (``node``: its :class:`~scfedvi.flower.node.NodeSettings`), else ``{}``."""
+    why = str(getattr(node, "data_cache_note", ""))
+    return {DATA_CACHE: why} if why else {}
+
+
+def log_cache_rebuilds(stage: str, replies: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Log one line per site whose reply (``{site: reply config}``) says it rebuilt its data
+    cache at ``stage`` (``"round 3"``, ``"balancing"``, ``"embedding"``); return the lines."""
+    lines = [
+        f"{stage}: site {site!r} rebuilt its data cache from its data file ({c[DATA_CACHE]})"
+        for site, c in sorted(replies.items())
+        if c.get(DATA_CACHE)
+    ]
+    for line in lines:
+        log.info("%s", line)
+    return lines
+
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"

@@ -29,7 +29,7 @@ from scfedvi.federation.balance import BalanceStep, run_balance, site_seed, step
 from scfedvi.federation.coordinator import CHECKPOINT, Coordinator
 from scfedvi.flower import messages as m
 from scfedvi.flower.exchange import Exchange
-from scfedvi.flower.progress import Progress
+from scfedvi.flower.progress import Progress, log_cache_rebuilds
 from scfedvi.flower.settings import AppSettings, run_config_from_flower
 from scfedvi.flower.setup import Federation, setup
 
@@ -167,6 +167,7 @@ def train_round(
         rd[m.CONFIG] = m.round_config(fed.schema.hash, r, **work)
     res = ex.ask(targets, m.TRAIN, timeout, group_id=str(r))
     updates = []
+    _log_rebuilds(f"round {r + 1}", fed, res.ok)  # 1-based, as the progress lines
     for node, reply in res.ok.items():
         site = fed.sites[node]
         c = reply.content.config_records[m.CONFIG]
@@ -189,6 +190,13 @@ def train_round(
         failed[fed.sites[node]] = why
         log.warning("round %d: site %r dropped: %s", r, fed.sites[node], why)
     return sorted(updates, key=lambda u: u.site), failed
+
+
+def _log_rebuilds(stage: str, fed: Federation, ok: dict[int, Any]) -> None:
+    """A line in the coordinator's log for each site that rebuilt its data cache."""
+    log_cache_rebuilds(
+        stage, {fed.sites[n]: r.content.config_records[m.CONFIG] for n, r in ok.items()}
+    )
 
 
 def balance(
@@ -228,6 +236,7 @@ def balance(
                 rd[m.CENTROIDS] = m.params_to_record({m.CENTROIDS: centroids})
             targets[n] = rd
         res = ex.ask(targets, m.BALANCE, timeout, group_id=f"balance-{len(steps)}")
+        _log_rebuilds("balancing", fed, res.ok)
         replies = {}
         for n, reply in res.ok.items():
             c = reply.content.config_records[m.CONFIG]
@@ -271,6 +280,7 @@ def embed(
         for rd in targets.values():
             rd[m.STEPS] = m.params_to_record(steps_to_arrays(steps))
     res = ex.ask(targets, m.EMBED, timeout)
+    _log_rebuilds("embedding", fed, res.ok)
     out: dict[str, Any] = {
         fed.sites[n]: int(r.content.config_records[m.CONFIG][m.N_EMBEDDED])  # type: ignore[arg-type]
         for n, r in res.ok.items()
