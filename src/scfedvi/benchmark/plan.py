@@ -131,6 +131,7 @@ def plan(settings: BenchmarkSettings) -> tuple[list[tuple[tuple, Job]], dict[tup
             cells = eval_adata(adata, part)
             obs[(spec.name, n_sites)] = cells.obs[[spec.batch_key, spec.label_key, SITE_KEY]]
             data_fp = fingerprint(cells, [spec.batch_key, spec.label_key])
+            obs[(spec.name, n_sites)].attrs["data_sha256"] = data_fp  # named in the report
             genes = tuple(select_genes(cells, spec.batch_key, n_top))
             part_fp = hash_key({"partition": part})
             for name in settings.methods:

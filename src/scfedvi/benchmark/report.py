@@ -16,6 +16,7 @@ from scfedvi.benchmark.methods import METHODS, POOLED_REFERENCE, tool_version
 from scfedvi.benchmark.runner import BenchmarkRun, BenchmarkSettings
 from scfedvi.benchmark.task import SITE_KEY
 from scfedvi.report import tables as T
+from scfedvi.report.findings import findings
 from scfedvi.report.markdown import Block
 
 #: Distributions whose versions every report prints.
@@ -87,21 +88,28 @@ def _figures(run: BenchmarkRun, settings: BenchmarkSettings, fig_dir: Path) -> l
     for (ds, n), coords in sorted(run.umaps.items()):
         spec = specs[ds]
         obs = run.obs[(ds, n)]
-        order = [METHODS[m].label for m in settings.methods if METHODS[m].label in coords]
+        first_n = min(n_ for ds_, n_ in run.umaps if ds_ == ds)
+        order = [  # pooled methods do not depend on the partition: drawn once per data set
+            METHODS[m].label
+            for m in settings.methods
+            if METHODS[m].label in coords and (METHODS[m].kind != "pooled" or n == first_n)
+        ]
         path = fig_dir / f"umap_{ds}_{n}sites.png"
         plot_umaps(
             {k: coords[k] for k in order},
             obs,
-            [spec.batch_key, spec.label_key],
+            [spec.batch_key, spec.label_key, SITE_KEY],
             path,
             point_size=2.0,
+            titles={SITE_KEY: "site"},
         )
         blocks.append(
             (
                 "img",
                 path,
-                f"UMAPs, {ds}, {n} sites: colour = batch ({spec.batch_key}) "
-                f"and cell type ({spec.label_key}); first seed",
+                f"UMAPs, {ds}, {n} sites: colour = batch ({spec.batch_key}), "
+                f"cell type ({spec.label_key}) and site; first seed"
+                + ("" if n == first_n else "; pooled methods as in the first figure"),
             )
         )
     labelled = {(d, n, METHODS[m].label, s): h for (d, n, m, s), h in run.histories.items()}
@@ -188,6 +196,19 @@ def build_blocks(
             ),
         )
     )
+    prints = [
+        f"{ds}, {n} sites: {obs.attrs['data_sha256'][:16]}"
+        for (ds, n), obs in sorted(run.obs.items())
+        if "data_sha256" in obs.attrs
+    ]
+    if prints:
+        b.append(
+            (
+                "p",
+                "Data fingerprints (sha256 of the counts, cell and gene names, batch and label "
+                "of the evaluated cells; first 16 hex digits): " + "; ".join(prints) + ".",
+            )
+        )
     if run.missing or run.failed:
         lost = [" ".join(map(str, m)) for m in run.missing]
         b.append(
@@ -200,6 +221,10 @@ def build_blocks(
         )
     if res.empty:
         return b
+    found = findings(res)
+    if found:
+        b.append(("h2", "Findings"))
+        b.extend(("p", sentence) for sentence in found)
     if "other_code" in res and res["other_code"].astype(bool).any():
         stale = res[res["other_code"].astype(bool)]
         b.append(
@@ -273,7 +298,7 @@ def build_blocks(
                 )
         tgt = T.target_table(res)
         if not tgt.empty:
-            b.append(("h2", "The issue's targets for scFedVI's default configuration"))
+            b.append(("h2", "Targets: scFedVI's default against pooled and per-site scVI"))
             b.append(("table", tgt, "scFedVI vs pooled scVI (LISI) and scVI per site (scIB total)"))
     b.append(("h2", "Cost: training time and communication"))
     for ds in dict.fromkeys(res["dataset"]):
