@@ -13,7 +13,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scfedvi._constants import LATENT_KEY
 from scfedvi.config import RunConfig, SitePolicy
 from scfedvi.data.harmonize import harmonize
 from scfedvi.data.schema import FederationSchema, SiteData, project
@@ -368,12 +367,10 @@ class ScFedVI:
             sd.site, _tensors(sd), self.schema.n_genes, self.schema.n_batches, self.config
         )
         z = worker.embed(self.params, self.balance_steps())  # type: ignore[arg-type]
-        if write:
-            if z.shape[0] != adata.n_obs:  # cells without counts were dropped
-                full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
-                full[adata.obs_names.get_indexer(sd.obs_names)] = z
-                z = full
-            adata.obsm[LATENT_KEY] = z
+        if write:  # cells without counts (dropped by the projection) get NaN rows
+            from scfedvi.train.embed import write_embedding
+
+            z = write_embedding(adata, z, sd.obs_names)
         return z
 
     def embed_sites(self) -> dict[str, np.ndarray]:

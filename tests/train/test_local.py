@@ -139,3 +139,20 @@ def test_training_steps_are_local_steps_or_epochs_over_the_training_cells():
     assert [len(b) for b in steps] == [10, 10, 5, 10]
     with pytest.raises(ValueError, match="resolve the run's schedule"):
         training_steps(data, cells, TrainConfig(local_epochs=None, local_steps=None), None)
+
+
+def test_write_embedding_puts_each_cell_in_its_row_and_nan_where_no_counts():
+    import anndata as ad
+
+    from scfedvi._constants import LATENT_KEY
+    from scfedvi.train.embed import write_embedding
+
+    adata = ad.AnnData(np.zeros((4, 2), np.float32))
+    adata.obs_names = ["c0", "c1", "c2", "c3"]
+    z = np.arange(6, dtype=np.float32).reshape(3, 2)
+    stored = write_embedding(adata, z, ["c3", "c0", "c2"])  # c1 had no counts
+    assert adata.obsm[LATENT_KEY] is stored
+    np.testing.assert_array_equal(stored[[3, 0, 2]], z)
+    assert np.isnan(stored[1]).all()
+    full = np.ones((4, 2), np.float32)
+    assert write_embedding(adata, full, list(adata.obs_names)) is full

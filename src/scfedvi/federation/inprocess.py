@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scfedvi._constants import SITE_STATE_FILE
 from scfedvi.federation.aggregate import SiteUpdate
 from scfedvi.federation.coordinator import Coordinator
 from scfedvi.federation.site import SiteWorker
@@ -30,7 +31,7 @@ Work = Mapping[str, tuple[int | None, int | None]]
 
 
 def _state_path(directory: Path, site: str, round_idx: int) -> Path:
-    return directory / SITES_DIR / f"{site}.round{round_idx:05d}.pt"
+    return directory / SITES_DIR / SITE_STATE_FILE.format(site=site, round=round_idx)
 
 
 def free_cores() -> int:

@@ -18,11 +18,10 @@ import functools
 import logging
 from collections.abc import Callable
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from scfedvi._constants import LATENT_KEY, SCHEMA_HASH
+from scfedvi._constants import SCHEMA_HASH
 from scfedvi.config import RunConfig
 from scfedvi.data.errors import SchemaMismatchError, SiteDataError
 from scfedvi.flower import messages as m
@@ -130,7 +129,8 @@ def _ledger(msg: Message, node: NodeSettings):
     run_id = getattr(getattr(msg, "metadata", None), "run_id", None)
     if run_id is None:
         return QueryLedger(policy=node.policy)
-    runs = RunLedger(runs_ledger_path(node.state_dir, node.site), data_key=str(node.data_path))
+    record = None if node.simulated else runs_ledger_path(node.state_dir, node.site)
+    runs = RunLedger(record, data_key=str(node.data_path))  # simulated: this run only
     return QueryLedger(
         ledger_path(node.state_dir, node.site, run_id),
         runs=runs,
@@ -293,11 +293,11 @@ def secagg(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) 
 def embed(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
     """Embed the site's cells with the global model and the balancing steps; write them
     locally, send only a count."""
+    from scfedvi.train.embed import write_embedding
+
     worker, adata, sd, sch = _worker(msg, node, cfg)
     z = worker.embed(m.record_to_params(msg.content.array_records[m.ARRAYS]), _steps(msg))
-    full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
-    full[adata.obs_names.get_indexer(sd.obs_names)] = z  # cells without counts stay NaN
-    adata.obsm[LATENT_KEY] = full
+    write_embedding(adata, z, sd.obs_names)  # cells without counts stay NaN
     adata.uns["scfedvi"] = {"schema_hash": sch.hash, "site": node.site}
     node.state_dir.mkdir(parents=True, exist_ok=True)
     tmp = node.embedded_path.with_suffix(".tmp.h5ad")

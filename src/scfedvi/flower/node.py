@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scfedvi._constants import SITE_STATE_FILE
 from scfedvi.config import SitePolicy
 from scfedvi.data.errors import SchemaMismatchError, SiteDataError
 from scfedvi.flower.settings import AppSettings
@@ -61,6 +62,9 @@ class NodeSettings:
     batch_key: str = ""
     layer: str = ""
     policy: SitePolicy = field(default_factory=SitePolicy)
+    #: a node of Flower's simulation engine (its data from ``sim-data-dir``): every site is
+    #: simulated by whoever runs the simulation, so it keeps no record across runs
+    simulated: bool = False
     #: What :meth:`site_data` did with the data cache in this process (see data_cache_note)
     _cache_notes: list[str] = field(default_factory=list, compare=False, repr=False)
 
@@ -91,6 +95,8 @@ class NodeSettings:
             )
         from scfedvi.privacy.policy import policy_from_node_config
 
+        simulated = "data-path" not in node_config
+
         state = node_config.get("state-dir") or default_state
         return cls(
             site=site,
@@ -99,6 +105,7 @@ class NodeSettings:
             batch_key=str(node_config.get("batch-key", "")),
             layer=str(node_config.get("layer", "")),
             policy=policy_from_node_config(node_config),
+            simulated=simulated,
         )
 
     # -- files in the site's state folder ----------------------------------------------------
@@ -107,7 +114,7 @@ class NodeSettings:
         return self.state_dir / f"{self.site}.schema.json"
 
     def state_path(self, round_idx: int) -> Path:
-        return self.state_dir / f"{self.site}.round{round_idx:05d}.pt"
+        return self.state_dir / SITE_STATE_FILE.format(site=self.site, round=round_idx)
 
     @property
     def embedded_path(self) -> Path:

@@ -7,16 +7,22 @@ them on a resample: :mod:`scfedvi.federation.balance`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
+from scfedvi._constants import LATENT_KEY
 from scfedvi.module.vae import VAE, norm_stat_keys
 from scfedvi.train.data import SiteTensors
 from scfedvi.train.device import module_device, to_device
 from scfedvi.train.matmul import onednn_matmul
 from scfedvi.train.params import Params, get_state
 
-__all__ = ["calibrate_norm_stats", "embed"]
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+__all__ = ["calibrate_norm_stats", "embed", "write_embedding"]
 
 
 @onednn_matmul()
@@ -69,3 +75,22 @@ def embed(
         for x, b in data.iter_minibatches(batch_size, None, drop_small=False)
     ]
     return np.concatenate(out, axis=0)
+
+
+def write_embedding(
+    adata: AnnData, z: np.ndarray, obs_names: Any, key: str = LATENT_KEY
+) -> np.ndarray:
+    """Store a site's embedding in ``adata.obsm[key]`` (both runtimes write it this way).
+
+    ``z`` holds the cells named ``obs_names`` (those the projection kept: cells with counts); the
+    site's other cells get NaN rows. Returns the stored array.
+    """
+    import pandas as pd
+
+    if z.shape[0] == adata.n_obs and adata.obs_names.equals(pd.Index(obs_names)):
+        full = z
+    else:
+        full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
+        full[adata.obs_names.get_indexer(obs_names)] = z
+    adata.obsm[key] = full
+    return full

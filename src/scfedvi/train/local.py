@@ -32,7 +32,7 @@ from scfedvi.config import ModelConfig, TrainConfig
 from scfedvi.module.vae import VAE
 from scfedvi.train.data import SiteTensors, n_minibatches, train_validation_split
 from scfedvi.train.device import config_device, resolve_device, to_device
-from scfedvi.train.embed import calibrate_norm_stats, embed
+from scfedvi.train.embed import calibrate_norm_stats, embed, write_embedding
 from scfedvi.train.matmul import onednn_matmul
 from scfedvi.train.optim import Adam
 from scfedvi.train.params import Params, get_state, set_state, shared_keys
@@ -55,6 +55,7 @@ __all__ = [
     "train_validation_split",
     "training_steps",
     "use_global_statistics",
+    "write_embedding",
 ]
 
 
