@@ -244,3 +244,18 @@ def test_flower_train_handler_charges_each_runs_epsilon(flower_site):
         reply.error.reason
     )
     assert "over its policy's max_total_epsilon=5" in reply.error.reason
+
+
+def test_simulated_sites_keep_no_record_across_runs(flower_site, tmp_path):
+    """Flower's simulation engine: every site's data is in the runner's sim-data-dir, so the
+    sites keep no record across runs (as in process without ledger_dir); the per-run budget
+    still holds."""
+    a, _ = flower_site
+    genes = {m.CONFIG: ConfigRecord({"genes": [str(g) for g in a.var_names]})}
+    sim = {"sim_data_dir": str(tmp_path), "sim_state_dir": str(tmp_path / "sim-state")}
+    for run in (31, 32, 33, 34):
+        ctx = _context({"partition-id": 0}, run, **sim)
+        assert not client_app.summary(_message(genes, m.SUMMARY, run), ctx).has_error()
+    again = client_app.summary(_message(genes, m.SUMMARY, 34), ctx)
+    assert again.has_error() and "query 2 of kind 'summary'" in again.error.reason
+    assert not list((tmp_path / "sim-state").glob("*.runs.json"))
