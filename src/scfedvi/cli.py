@@ -55,7 +55,7 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="total epochs, split into --rounds (default: scvi-tools' rule, "
-        "min(400, round(20000 / training cells x 400)))",
+        "min(400, round(20000 / cells x 400)))",
     )
     g.add_argument(
         "--early-stopping",

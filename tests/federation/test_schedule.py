@@ -31,14 +31,14 @@ def test_heuristic_is_scvi_tools_rule():
     [
         [1_500, 2_000],  # pancreas-like, 2 sites
         [700, 900, 1_100, 800, 500],  # cortex-like, 5 sites
-        [11_000, 11_000],  # 19,800 training cells: still under 20,000
+        [10_000, 10_000],  # 20,000 cells (18,000 training): still 400 epochs
     ],
 )
 def test_small_federations_keep_todays_schedule(sizes):
-    """Under 20,000 training cells the resolved default is 20 rounds x 20 local epochs: the
-    paper grid's schedule, so its results stand."""
+    """Up to 20,000 cells the resolved default is 20 rounds x 20 local epochs: the paper
+    grid's schedule, so its results stand."""
     s = resolve_schedule(RunConfig(), {f"s{i}": n for i, n in enumerate(sizes)})
-    assert sum(s.n_train_cells.values()) < 20_000
+    assert sum(sizes) <= 20_000
     assert (s.rounds, s.local_epochs, s.local_steps, s.epochs) == (20, 20, {}, 400.0)
     assert s.rule == "heuristic"
     for site in s.n_train_cells:
@@ -46,19 +46,24 @@ def test_small_federations_keep_todays_schedule(sizes):
 
 
 def test_large_federations_follow_the_data():
-    # 100,000 cells at 10 sites: 90,000 training cells -> round(20000/90000*400) = 89 epochs
+    # the rule counts every cell, as scvi-tools' n_obs does: 100,000 cells at 10 sites ->
+    # round(20000/100000*400) = 80 epochs over the 90,000 training cells
     s = resolve_schedule(RunConfig(), {f"s{i}": 10_000 for i in range(10)})
-    assert s.local_epochs == round(89 / 20) == 4 and s.epochs == 80.0
-    # 1,000,000 cells at 10 sites: 900,000 training cells -> 9 epochs, 0.45 epoch per round
+    assert s.local_epochs == 80 // 20 == 4 and s.epochs == 80.0
+    assert s.cell_passes == 80 * 90_000  # what pooled scvi-tools trains: 80 epochs x 90%
+    # 30,000 cells: scvi-tools' 267 epochs, 13.35 a round -> 13 local epochs (260 epochs)
+    s = resolve_schedule(RunConfig(), {"a": 10_000, "b": 20_000})
+    assert max_epochs_heuristic(30_000) == 267 and s.local_epochs == 13
+    # 1,000,000 cells at 10 sites -> 8 epochs, 0.4 epoch per round
     s = resolve_schedule(RunConfig(), {f"s{i}": 100_000 for i in range(10)})
     assert s.local_epochs is None
-    assert s.local_steps == {f"s{i}": math.ceil(0.45 * 90_000 / 128) for i in range(10)}
-    assert s.epochs == pytest.approx(9.0, rel=0.01)
-    # unequal sites: 811,800 training cells -> 10 epochs, half an epoch per round, as steps
+    assert s.local_steps == {f"s{i}": math.ceil(0.4 * 90_000 / 128) for i in range(10)}
+    assert s.epochs == pytest.approx(8.0, rel=0.01)
+    # unequal sites: 902,000 cells -> 9 epochs, 0.45 of an epoch per round, as steps
     s = resolve_schedule(RunConfig(), {"big": 900_000, "small": 2_000})
-    assert s.local_steps == {"big": math.ceil(0.5 * 810_000 / 128), "small": 8}
-    assert site_train_config(RunConfig().train, *s.work("small")).local_steps == 8
-    assert "scvi-tools' rule" in s.reason and "8-3165 local steps" in s.describe()
+    assert s.local_steps == {"big": math.ceil(0.45 * 810_000 / 128), "small": 7}
+    assert site_train_config(RunConfig().train, *s.work("small")).local_steps == 7
+    assert "scvi-tools' rule" in s.reason and "7-2848 local steps" in s.describe()
 
 
 def test_explicit_settings_override_the_rule():

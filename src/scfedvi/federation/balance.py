@@ -31,6 +31,7 @@ trained weights do not change.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,11 +92,20 @@ def steps_from_arrays(arrays: dict[str, np.ndarray]) -> list[BalanceStep]:
 
 
 # -- at a site (numpy only; the policy-checked entry point is balance_site.answer) ----------
-def assign(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Each row's nearest centroid."""
+def assign(z: np.ndarray, centroids: np.ndarray, zz: np.ndarray | None = None) -> np.ndarray:
+    """Each row's nearest centroid (``zz``: the rows' squared norms, if computed already)."""
     z = np.asarray(z, dtype=np.float64)
-    d = (z * z).sum(1)[:, None] - 2 * z @ centroids.T + (centroids * centroids).sum(1)[None]
+    if zz is None:
+        zz = (z * z).sum(1)
+    d = zz[:, None] - 2 * z @ centroids.T + (centroids * centroids).sum(1)[None]
     return d.argmin(1)
+
+
+def _cluster_sums(a: np.ndarray, xw: np.ndarray, k: int) -> np.ndarray:
+    """Per-cluster sums of the rows of ``xw`` (each column in row order, as ``np.add.at``
+    adds them, so the same floating-point sums, but several times faster)."""
+    cols = [np.bincount(a, weights=xw[:, j], minlength=k) for j in range(xw.shape[1])]
+    return np.stack(cols, axis=1) if cols else np.zeros((k, 0))
 
 
 def _kmeans(
@@ -106,25 +116,27 @@ def _kmeans(
     rng = np.random.default_rng(seed)
     k = min(k, len(x))
     best, best_inertia = None, np.inf
+    xx = (x * x).sum(1)
     for _ in range(n_init):
         chosen = [x[rng.choice(len(x), p=w / w.sum())]]
+        near = ((x - chosen[0]) ** 2).sum(-1)  # each row's squared distance to its nearest
         for _ in range(1, k):
-            d = np.min(((x[:, None, :] - np.asarray(chosen)[None]) ** 2).sum(-1), axis=1) * w
+            d = near * w
             chosen.append(
                 x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))]
             )
+            near = np.minimum(near, ((x - chosen[-1]) ** 2).sum(-1))
         c = np.asarray(chosen, dtype=np.float64)
         xw, prev = x * w[:, None], None
         for _ in range(iters):
-            a = assign(x, c)
+            a = assign(x, c, xx)
             if prev is not None and np.array_equal(a, prev):
                 break  # a fixed point: the centroids would not move
             prev = a
-            sums, mass = np.zeros_like(c), np.bincount(a, weights=w, minlength=k)
-            np.add.at(sums, a, xw)
+            sums, mass = _cluster_sums(a, xw, len(c)), np.bincount(a, weights=w, minlength=k)
             live = mass > 0
             c[live] = sums[live] / mass[live, None]
-        inertia = float((((x - c[assign(x, c)]) ** 2).sum(1) * w).sum())
+        inertia = float((((x - c[assign(x, c, xx)]) ** 2).sum(1) * w).sum())
         if inertia < best_inertia:
             best, best_inertia = c, inertia
     assert best is not None
@@ -207,7 +219,7 @@ def balanced_statistics(
     ``module`` holds the global weights with the site's own statistics (and ``z`` its cells'
     embedding with them, computed here if not given); it ends with the balanced statistics.
     """
-    from scfedvi.train.local import SiteTensors, calibrate_norm_stats, embed
+    from scfedvi.train.local import calibrate_norm_stats, embed
 
     if z is None:
         z = embed(module, data)
@@ -215,9 +227,38 @@ def balanced_statistics(
         w = resample_weights(assign(z, step.centroids), step.composition)
         rng = np.random.default_rng(RESAMPLE_SEED)
         idx = rng.choice(len(w), size=OVERSAMPLE * len(w), replace=True, p=w / w.sum())
-        calibrate_norm_stats(module, SiteTensors(data.X[idx], data.batch_index[idx]))
+        calibrate_norm_stats(module, _resample(data, idx))
         z = embed(module, data)
     return z
+
+
+@functools.cache
+def _resample_class() -> type:
+    from scfedvi.train.local import SiteTensors  # torch: imported where a site embeds
+
+    class Resample(SiteTensors):
+        """Rows ``rows`` of a site's cells (repeats allowed), read a minibatch at a time: the
+        same minibatches as ``SiteTensors(data.X[rows], ...)`` without copying the rows
+        (``OVERSAMPLE`` times the site's counts)."""
+
+        def __init__(self, data: SiteTensors, rows: np.ndarray) -> None:  # no copy, no checks
+            self.X, self.batch_index, self._log_factorial = data.X, data.batch_index, None
+            self.rows = np.asarray(rows, dtype=np.int64)
+
+        @property
+        def n_cells(self) -> int:
+            return len(self.rows)
+
+        def minibatch_indices(self, batch_size, rng, *, drop_small=True, cells=None):
+            cells = self.rows if cells is None else self.rows[np.asarray(cells)]
+            return super().minibatch_indices(batch_size, rng, drop_small=drop_small, cells=cells)
+
+    return Resample
+
+
+def _resample(data: SiteTensors, rows: np.ndarray) -> SiteTensors:
+    """The site's cells ``rows`` as training data that reads them from ``data`` in place."""
+    return _resample_class()(data, rows)
 
 
 # -- at the coordinator ----------------------------------------------------------------------
