@@ -13,7 +13,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scfedvi._constants import LATENT_KEY
 from scfedvi.config import RunConfig, SitePolicy
 from scfedvi.data.harmonize import harmonize
 from scfedvi.data.schema import FederationSchema, SiteData, project
@@ -93,8 +92,6 @@ class ScFedVI:
         self.early_stopped = False
         #: each in-process worker's sites and peak private memory (last training call)
         self.worker_memory: list[dict[str, Any]] = []
-        #: the memory predicted for the last training call (:mod:`scfedvi.federation.memory`)
-        self.memory_estimate: Any = None
         #: the memory predicted for the last training call (:mod:`scfedvi.federation.memory`)
         self.memory_estimate: Any = None
         self._site_data: dict[str, SiteData] = {}
@@ -209,7 +206,6 @@ class ScFedVI:
         from scfedvi.federation.coordinator import Coordinator
         from scfedvi.federation.inprocess import run_in_process
         from scfedvi.federation.memory import check_sites
-        from scfedvi.federation.memory import check_sites
 
         if not self._site_data:
             raise ValueError(
@@ -233,9 +229,6 @@ class ScFedVI:
         self.schedule = coord.schedule
         n_rounds = n_rounds or coord.schedule.rounds
         log.info("%s", coord.schedule.describe())
-        # predicted before any worker starts: refused with the site and the fix if too big
-        self.memory_estimate = check_sites(workers, coord.params, self.config)
-        log.info("%s", self.memory_estimate.describe())
         # predicted before any worker starts: refused with the site and the fix if too big
         self.memory_estimate = check_sites(workers, coord.params, self.config)
         log.info("%s", self.memory_estimate.describe())
@@ -374,12 +367,10 @@ class ScFedVI:
             sd.site, _tensors(sd), self.schema.n_genes, self.schema.n_batches, self.config
         )
         z = worker.embed(self.params, self.balance_steps())  # type: ignore[arg-type]
-        if write:
-            if z.shape[0] != adata.n_obs:  # cells without counts were dropped
-                full = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
-                full[adata.obs_names.get_indexer(sd.obs_names)] = z
-                z = full
-            adata.obsm[LATENT_KEY] = z
+        if write:  # cells without counts (dropped by the projection) get NaN rows
+            from scfedvi.train.embed import write_embedding
+
+            z = write_embedding(adata, z, sd.obs_names)
         return z
 
     def embed_sites(self) -> dict[str, np.ndarray]:
