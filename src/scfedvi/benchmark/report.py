@@ -325,13 +325,19 @@ def build_blocks(
 #: What the DP guarantee covers, in every report (docs/dp.md says it in full).
 DP_SCOPE = (
     "ε is client-level (δ = 1e-5, add/remove one site, fixed divisor, noise from the OS "
-    "CSPRNG) and covers the released global parameters only. It does not cover the "
-    "harmonization summaries (gene names, cells per batch, per-gene statistics), the cell "
-    "counts and local steps each site reports, or the embeddings, which are computed and "
-    "kept at the sites; under DP a site sends no losses, and SCAFFOLD, pooled BatchNorm "
-    "statistics, early stopping and balancing are refused or off. The membership-inference "
-    "AUC (loss threshold on the global model; members: each site's training cells, "
-    "non-members: its held-out 10%) is measured for every federated method, with or without DP."
+    "CSPRNG, added by the coordinator) and covers the released global parameters only. It "
+    "does not cover the harmonization summaries (gene names, cells per batch, per-gene "
+    "statistics, label categories), the cell counts and local steps each site reports, which "
+    "sites answered and when, or the embeddings, which are computed and kept at the sites; "
+    "under DP a site sends no losses, and SCAFFOLD, pooled BatchNorm statistics, early "
+    "stopping and balancing are refused or off. Client-level DP protects a whole site, so with "
+    "few sites it buys little: the noise on the average has standard deviation σC/n on every "
+    "one of the model's parameters while a site's whole update has norm at most C, so a "
+    "handful of sites cannot train a model of this size under it (the DP rows below show "
+    "what it cost here); it pays with many sites (the noise shrinks as 1/n). The "
+    "membership-inference AUC (loss threshold on the global model; members: each site's "
+    "training cells, non-members: its held-out 10%) is measured for every federated method, "
+    "with or without DP."
 )
 
 
