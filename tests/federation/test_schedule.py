@@ -89,6 +89,11 @@ def test_bad_schedules_get_clear_errors():
         resolve_schedule(cfg(train={"train_size": 1.0}, fed={"early_stopping": True}), {"a": 500})
     with pytest.raises(ValueError, match=r"site 'tiny': 117 training cells .* < batch_size=128"):
         resolve_schedule(RunConfig(), {"ok": 5_000, "tiny": 130})
+    with pytest.raises(ValueError, match=r"train_size=0.999 holds out none of the sites' 800"):
+        es = {"early_stopping": True}
+        resolve_schedule(cfg(train={"train_size": 0.999}, fed=es), {"a": 500, "b": 300})
+    with pytest.raises(ValueError, match=r"patience=5 rounds is not below n_rounds=5"):
+        resolve_schedule(cfg(fed={"early_stopping": True, "n_rounds": 5}), {"a": 500})
     with pytest.raises(ValueError, match="set one of them"):
         resolve_schedule(cfg(train={"local_epochs": 2}, fed={"max_epochs": 10}), {"a": 500})
     with pytest.raises(ValueError, match="no sites"):

@@ -125,6 +125,12 @@ def check_config(config: RunConfig) -> None:
             "but TrainConfig.train_size=1.0 holds none out; set train_size < 1 (e.g. 0.9) or "
             "early_stopping=False"
         )
+    if fed.early_stopping and fed.early_stopping_patience >= fed.n_rounds:
+        raise ValueError(
+            f"FederationConfig.early_stopping_patience={fed.early_stopping_patience} rounds is "
+            f"not below n_rounds={fed.n_rounds}, so early stopping could never stop the run; "
+            "lower the patience, raise n_rounds, or set early_stopping=False"
+        )
     if fed.max_epochs is not None and (tr.local_epochs is not None or tr.local_steps is not None):
         which = "local_steps" if tr.local_steps is not None else "local_epochs"
         raise ValueError(
@@ -156,6 +162,13 @@ def resolve_schedule(config: RunConfig, n_cells: Mapping[str, int]) -> Schedule:
             )
     total = sum(n_train.values())
     n_all = sum(int(n) for n in n_cells.values())
+    if fed.early_stopping and total == n_all:
+        raise ValueError(
+            f"FederationConfig.early_stopping needs held-out cells, but "
+            f"TrainConfig.train_size={tr.train_size:g} holds out none of the sites' {n_all} "
+            "cells (ceil(train_size x cells) = cells at every site); lower train_size "
+            "(e.g. 0.9) or set early_stopping=False"
+        )
     rounds = fed.n_rounds
     if tr.local_steps is not None:
         steps = dict.fromkeys(n_train, tr.local_steps)
