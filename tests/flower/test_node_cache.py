@@ -368,3 +368,68 @@ def test_a_rebuild_is_a_line_in_the_coordinators_log(site_files, schema, tmp_pat
     fresh = NodeSettings(node.site, node.data_path, node.state_dir)
     out = client_app.train.__wrapped__(msg, fresh, cfg, AppSettings())
     assert DATA_CACHE not in out.config_records[m.CONFIG]
+
+
+def test_balance_answer_from_the_kept_embedding_imports_no_torch(site_files, schema, tmp_path):
+    """The second message of a balancing pass answers from the embedding the first one kept:
+    a fresh process (as Flower starts for every message) that imports no torch."""
+    import subprocess
+    import sys
+
+    from flwr.app import RecordDict
+
+    from scfedvi.federation.balance import CENTROIDS
+    from scfedvi.federation.coordinator import Coordinator
+    from scfedvi.flower import client_app
+    from scfedvi.flower import messages as m
+    from scfedvi.flower.settings import AppSettings
+
+    node = _node(site_files, tmp_path)
+    node.project(schema, BATCH)
+    node.save_schema(schema)
+    cfg = run_config()
+    params, _ = Coordinator(schema.n_genes, schema.n_batches, cfg).broadcast()
+    np.savez(tmp_path / "params.npz", **params)
+    extra = {m.PHASE: CENTROIDS, m.N_CLUSTERS: 8, m.SEED: 0}
+    content = RecordDict(
+        {
+            m.ARRAYS: m.params_to_record(params),
+            m.CONFIG: m.round_config(schema.hash, 2, **extra),
+        }
+    )
+    meta = SimpleNamespace(run_id=None, message_type=m.BALANCE)
+    first = client_app.balance.__wrapped__(
+        SimpleNamespace(content=content, metadata=meta), node, cfg, AppSettings()
+    )
+    assert node.balance_cache_path.exists()
+    code = f"""
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+import numpy as np
+from flwr.app import RecordDict
+from flower_sites import run_config
+from scfedvi.flower import client_app, messages as m
+from scfedvi.flower.node import NodeSettings
+from scfedvi.flower.settings import AppSettings
+with np.load({str(tmp_path / "params.npz")!r}) as f:
+    params = {{k: f[k] for k in f.files}}
+extra = {{m.PHASE: {CENTROIDS!r}, m.N_CLUSTERS: 8, m.SEED: 0}}
+content = RecordDict({{m.ARRAYS: m.params_to_record(params),
+                      m.CONFIG: m.round_config({schema.hash!r}, 2, **extra)}})
+msg = SimpleNamespace(content=content, metadata=SimpleNamespace(run_id=None, message_type=m.BALANCE))
+node = NodeSettings("site-a", Path({str(node.data_path)!r}), Path({str(node.state_dir)!r}))
+out = client_app.balance.__wrapped__(msg, node, run_config(), AppSettings())
+np.save({str(tmp_path / "values.npy")!r}, out.array_records[m.CLUSTERS]["values"].numpy())
+print("torch" in sys.modules)
+"""
+    tests_dir = str(Path(__file__).parent)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "False"  # no torch in the second message
+    np.testing.assert_array_equal(  # the same answer as the message that embedded
+        np.load(tmp_path / "values.npy"), first.array_records[m.CLUSTERS]["values"].numpy()
+    )

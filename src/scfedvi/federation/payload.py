@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scfedvi.federation.aggregate import SiteUpdate
+if TYPE_CHECKING:  # aggregate imports torch: a site's setup and balancing answers need none
+    from scfedvi.federation.aggregate import SiteUpdate
 
 METRIC_KEYS = frozenset({"loss", "reconstruction", "kl", "validation_loss", "steps", "seconds"})
 
