@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from scfedvi._constants import SITE_STATE_FILE
+from scfedvi.federation import rounds
 from scfedvi.federation.aggregate import SiteUpdate
 from scfedvi.federation.coordinator import Coordinator
 from scfedvi.federation.site import SiteWorker
@@ -189,6 +189,38 @@ def _cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+class InProcessRounds:
+    """The in-process transport of :func:`~scfedvi.federation.rounds.run_rounds`: each site's
+    :meth:`~scfedvi.federation.site.SiteWorker.fit`, in this process or in ``pool``."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        sites: Sequence[SiteWorker],
+        pool: SitePool | None,
+        work: Work,
+        ckpt: Path | None,
+    ) -> None:
+        self.coordinator, self.sites, self.pool = coordinator, list(sites), pool
+        self.work, self.ckpt = work, ckpt
+
+    def train(
+        self, r: int, params: Params, control: Params | None
+    ) -> tuple[list[SiteUpdate], dict[str, str]]:
+        """Every site's update, in the sites' order (in process, no site drops out)."""
+        if self.pool is not None:
+            return self.pool.fit(params, r, control, self.work, self.ckpt), {}
+        return [_fit(s, params, r, control, self.work, self.ckpt) for s in self.sites], {}
+
+    def train_secure(self, r: int, params: Params, control: Params | None) -> dict[str, str]:
+        """Every site's update, then secure aggregation's masking, sum and unmasking."""
+        from scfedvi.federation.secure_round import secure_round_in_process
+
+        updates, failed = self.train(r, params, control)
+        secure_round_in_process(self.coordinator, self.sites, updates)
+        return failed
+
+
 def run_in_process(
     coordinator: Coordinator,
     sites: Sequence[SiteWorker],
@@ -222,28 +254,18 @@ def run_in_process(
     if coordinator.round >= n_rounds or coordinator.early_stopped:
         return coordinator
     pool = SitePool(sites, jobs) if jobs > 1 else None
+    transport = InProcessRounds(coordinator, sites, pool, work, ckpt)
+
+    def after(r: int, failed: Mapping[str, str], seconds: float) -> None:
+        if ckpt is not None and r > 0:  # a restarted round r reloads the states of r - 1
+            for s in sites:
+                _state_path(ckpt, s.name, r - 1).unlink(missing_ok=True)
+        if on_round is not None:
+            on_round(r, seconds)
+
     failed = True
     try:
-        for r in range(coordinator.round, n_rounds):
-            if coordinator.early_stopped:
-                break
-            t0 = time.perf_counter()
-            params, control = coordinator.broadcast()
-            if pool is not None:
-                updates = pool.fit(params, r, control, work, ckpt)
-            else:
-                updates = [_fit(s, params, r, control, work, ckpt) for s in sites]
-            if coordinator.config.privacy.secure_aggregation:
-                from scfedvi.federation.secure_round import secure_round_in_process
-
-                secure_round_in_process(coordinator, sites, updates)
-            else:
-                coordinator.aggregate(updates)
-            if ckpt is not None and r > 0:
-                for s in sites:
-                    _state_path(ckpt, s.name, r - 1).unlink(missing_ok=True)
-            if on_round is not None:
-                on_round(r, time.perf_counter() - t0)
+        rounds.run_rounds(coordinator, transport, n_rounds, after)
         failed = False
     finally:
         if pool is not None:

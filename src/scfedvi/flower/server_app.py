@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from scfedvi._constants import SCHEMA_HASH
 from scfedvi.config import RunConfig
 from scfedvi.data.schema import FederationSchema
+from scfedvi.federation import rounds
 from scfedvi.federation.aggregate import SiteUpdate
 from scfedvi.federation.balance import BalanceStep, run_balance, site_seed, steps_to_arrays
 from scfedvi.federation.coordinator import CHECKPOINT, Coordinator
@@ -96,26 +98,17 @@ def run_federation(
     schedule = coord.resolve_schedule(fed.n_cells)  # the sites' cells, as in process
     seconds: list[float] = []
     dropped: list[dict[str, Any]] = []
-    for r in range(coord.round, schedule.rounds):
-        if coord.early_stopped:
-            log.info("early stopping after round %d (FederationConfig.early_stopping)", r - 1)
-            break
-        t0 = time.perf_counter()
-        progress.stage = f"round {r}"
-        if cfg.privacy.secure_aggregation:  # masked sums, aggregated there
-            from scfedvi.flower.secagg import secure_train_round
 
-            failed = secure_train_round(ex, coord, fed, r, app.round_timeout)
-        else:
-            updates, failed = train_round(ex, coord, fed, r, app.round_timeout)
-        dropped += [{"round": r, "site": s, "reason": why} for s, why in failed.items()]
-        progress.failed(r, failed)
-        if not cfg.privacy.secure_aggregation:
-            coord.aggregate(updates, dropped=sorted(failed))
-        seconds.append(time.perf_counter() - t0)
+    def after(r: int, failed: Mapping[str, str], secs: float) -> None:
+        dropped.extend({"round": r, "site": s, "reason": why} for s, why in failed.items())
+        seconds.append(secs)
         rows = [row for row in coord.history if row.get("round") == r]
-        info = progress.round_done(r, rows, failed, seconds[-1])
+        info = progress.round_done(r, rows, dict(failed), secs)
         write_result(out, {"status": "running", "run_id": progress.run_id, "progress": info})
+
+    rounds.run_rounds(
+        coord, FlowerRounds(ex, coord, fed, app.round_timeout, progress), on_round=after
+    )
     last = {str(d["site"]) for d in dropped if d["round"] == coord.round - 1}
     t0 = time.perf_counter()
     progress.stage = "balance"
@@ -143,6 +136,40 @@ def run_federation(
             "seconds": balance_seconds,
         },
     }
+
+
+class FlowerRounds:
+    """The Flower transport of :func:`~scfedvi.federation.rounds.run_rounds`: a round's
+    messages to the connected sites and their replies (:func:`train_round`, or secure
+    aggregation's :func:`scfedvi.flower.secagg.secure_train_round`)."""
+
+    def __init__(
+        self, ex: Exchange, coord: Coordinator, fed: Federation, timeout: float, progress: Progress
+    ) -> None:
+        self.ex, self.coord, self.fed, self.timeout, self.progress = (
+            ex,
+            coord,
+            fed,
+            timeout,
+            progress,
+        )
+
+    def train(self, r: int, params: Any, control: Any) -> tuple[list[SiteUpdate], dict[str, str]]:
+        """The sites' updates (sorted by site) and failures; ``params`` and ``control`` are
+        the coordinator's broadcast, which :func:`train_round` sends."""
+        self.progress.stage = f"round {r}"
+        updates, failed = train_round(self.ex, self.coord, self.fed, r, self.timeout)
+        self.progress.failed(r, failed)
+        return updates, failed
+
+    def train_secure(self, r: int, params: Any, control: Any) -> dict[str, str]:
+        """The round under secure aggregation (aggregated into the coordinator there)."""
+        from scfedvi.flower.secagg import secure_train_round
+
+        self.progress.stage = f"round {r}"
+        failed = secure_train_round(self.ex, self.coord, self.fed, r, self.timeout)
+        self.progress.failed(r, failed)
+        return failed
 
 
 def _content(coord: Coordinator, schema_hash: str, r: int) -> RecordDict:
