@@ -40,6 +40,8 @@ EVAL_TEMPORARIES = 12
 #: Copies of the parameters held while training: weights, gradients, two Adam moments, the
 #: round's global parameters, the update sent, the kept optimizer state (two), spare.
 PARAM_COPIES = 10
+#: Of those, the copies a site keeps between rounds (replica, two moments, statistics, spare).
+STATE_COPIES = 5
 #: Environment variable that turns the check off (``0``, ``false``, ``no``, ``off``).
 ENV = "SCFEDVI_MEMORY_CHECK"
 
@@ -51,16 +53,23 @@ def data_bytes(n_cells: int, nnz: int) -> int:
     return nnz * (4 + index) + (n_cells + 1) * index + n_cells * (8 + 4 + 8)
 
 
+def state_bytes(n_params: int) -> int:
+    """What a site keeps between rounds: its model replica, Adam's two moments (kept with
+    ``optimizer_state="keep"``), local statistics and a control variate."""
+    return n_params * 4 * STATE_COPIES
+
+
 def work_bytes(
     n_cells: int, n_genes: int, n_params: int, batch_size: int, oversample: int = 4
 ) -> int:
-    """A site's bytes beyond its counts: parameter copies, a training step's and an
-    evaluation pass's dense temporaries, and the balancing resample's indices and
-    embeddings (``oversample`` x cells)."""
+    """A site's bytes while it works, freed after: gradients, Adam's step, the round's global
+    parameters and the update sent, a training step's or an evaluation pass's dense
+    temporaries, and the balancing resample's indices and embeddings (``oversample`` x
+    cells)."""
     step = batch_size * n_genes * 4 * STEP_TEMPORARIES
     evaluation = EVAL_BATCH * n_genes * 4 * EVAL_TEMPORARIES
     balance = oversample * n_cells * 8 + 3 * n_cells * 10 * 8
-    return n_params * 4 * PARAM_COPIES + max(step, evaluation) + balance
+    return n_params * 4 * (PARAM_COPIES - STATE_COPIES) + max(step, evaluation) + balance
 
 
 @dataclass(frozen=True)
@@ -139,8 +148,8 @@ def estimate_memory(
         s: work_bytes(int(n), n_genes, n_params, batch_size, oversample)
         for s, (n, _) in sites.items()
     }
-    alone = {s: PROCESS_BYTES + data[s] + work[s] for s in sites}
-    biggest_work = max(work.values())
+    state = state_bytes(n_params)
+    alone = {s: PROCESS_BYTES + data[s] + state + work[s] for s in sites}
     workers: list[tuple[list[str], int]] = []
     if n_jobs > 1:
         n_jobs = min(n_jobs, len(sites))
@@ -150,9 +159,14 @@ def estimate_memory(
             i = loads.index(min(loads))
             groups[i].append(s)
             loads[i] += sites[s][0]
-        # a forked worker's private pages: its own allocations, not the parent's counts
-        workers = [(g, PROCESS_BYTES // 4 + sum(work[s] for s in g)) for g in groups]
-    coordinator = PROCESS_BYTES + sum(data.values()) + biggest_work
+        # a forked worker's private pages: its sites' state and one site's work at a time,
+        # not the parent's counts (shared until written, and they are only read)
+        workers = [
+            (g, PROCESS_BYTES // 4 + len(g) * state + max(work[s] for s in g)) for g in groups
+        ]
+    # this process: every site's counts and state, one site's work (training with one job,
+    # balancing, embedding) at a time
+    coordinator = PROCESS_BYTES + sum(data.values()) + len(sites) * state + max(work.values())
     return MemoryEstimate(alone, data, workers, coordinator)
 
 
