@@ -232,6 +232,8 @@ class Bench:
         """fed-scanvi, knn-scfedvi, pooled-scanvi (and scib) with ``hidden``'s labels hidden."""
         from sklearn.neighbors import KNeighborsClassifier
 
+        from scfedvi.annotate.site import novelty
+
         methods = METHODS["transfer"] + (METHODS["scib"] if with_scib else ())
         if not self.todo(hidden, methods):
             return
@@ -244,7 +246,17 @@ class Bench:
             z_anvi[n], probs[n] = anvi.predict_site(site=n, write=False)
         pred = np.asarray(anvi.labels, dtype=object)[probs[hidden].argmax(1)]
         low = float((probs[hidden].max(1) < anvi.annotate.confidence_threshold).mean())
-        fed = {**scores(truth, pred), "low_confidence": low, "confusion": confusion(truth, pred)}
+        if anvi.label_centroids is not None:
+            ratio = novelty(z_anvi[hidden], probs[hidden].argmax(1), *anvi.label_centroids)
+            novel = float((ratio > anvi.annotate.novelty_ratio).mean())
+        else:
+            novel = float("nan")
+        fed = {
+            **scores(truth, pred),
+            "low_confidence": low,
+            "novel": novel,
+            "confusion": confusion(truth, pred),
+        }
         self.emit(hidden, "fed-scanvi", {**fed, "seconds": t_vi + t_anvi})
 
         emb = {n: model.get_latent_representation(a, site=n, write=False) for n, a in sites.items()}
@@ -259,13 +271,16 @@ class Bench:
 
         t0 = time.perf_counter()
         pooled = self.pooled_adata(list(model.schema.genes))
-        lvae = self.scanvi(self.scvi(pooled, "all"), f"hide_{hidden}")
-        at = np.flatnonzero((pooled.obs["site"] == hidden).to_numpy())
-        pp = lvae.predict(indices=at)
-        row = {**scores(truth, pp), "confusion": confusion(truth, pp)}
-        self.emit(hidden, "pooled-scanvi", {**row, "seconds": time.perf_counter() - t0})
+        z_pooled = None
+        if self.todo(hidden, ("pooled-scanvi",)):  # not again for a new scANVI default
+            lvae = self.scanvi(self.scvi(pooled, "all"), f"hide_{hidden}")
+            at = np.flatnonzero((pooled.obs["site"] == hidden).to_numpy())
+            pp = lvae.predict(indices=at)
+            row = {**scores(truth, pp), "confusion": confusion(truth, pp)}
+            self.emit(hidden, "pooled-scanvi", {**row, "seconds": time.perf_counter() - t0})
+            z_pooled = lvae.get_latent_representation()
         if with_scib:
-            self.scib(hidden, pooled, sites, emb, z_anvi, lvae.get_latent_representation())
+            self.scib(hidden, pooled, sites, emb, z_anvi, z_pooled)
 
     def scib(self, hidden, pooled, sites, emb, z_anvi, z_pooled) -> None:
         from scfedvi.metrics.scib import scib_scores
@@ -273,14 +288,13 @@ class Bench:
         names = list(pooled.obs["site"].cat.categories)
         pooled.obsm["scFedVI"] = np.concatenate([emb[n] for n in names])
         pooled.obsm["fed-scANVI"] = np.concatenate([z_anvi[n] for n in names])
-        pooled.obsm["pooled-scANVI"] = np.asarray(z_pooled)
+        keys = ["scFedVI", "fed-scANVI"]
+        if z_pooled is not None:
+            pooled.obsm["pooled-scANVI"] = np.asarray(z_pooled)
+            keys.append("pooled-scANVI")
         t0 = time.perf_counter()
         df = scib_scores(
-            pooled,
-            batch_key=self.batch_key,
-            label_key="true_label",
-            embedding_keys=["scFedVI", "fed-scANVI", "pooled-scANVI"],
-            fast=True,
+            pooled, batch_key=self.batch_key, label_key="true_label", embedding_keys=keys, fast=True
         )
         table = {str(e): {str(k): float(v) for k, v in r.items()} for e, r in df.iterrows()}
         self.emit(hidden, "scib", {"scib": table, "seconds": time.perf_counter() - t0})

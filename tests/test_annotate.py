@@ -13,6 +13,7 @@ from scfedvi.annotate import (
     CONFIDENCE_KEY,
     LABEL_KEY,
     LATENT_KEY,
+    NOVELTY_KEY,
     AnnotateConfig,
     ScFedANVI,
     load_query_data,
@@ -81,8 +82,9 @@ def test_predictions_at_each_site_with_confidence(fitted):
         assert ad_.obsm[LATENT_KEY].shape == (ad_.n_obs, 4)
         conf = ad_.obs[CONFIDENCE_KEY].to_numpy()
         assert ((conf > 0) & (conf <= 1)).all()
-        low = conf < model.annotate.confidence_threshold
-        # low-confidence cells get the unlabelled category, the others their top label
+        novel = ad_.obs[NOVELTY_KEY].to_numpy() > model.annotate.novelty_ratio
+        low = (conf < model.annotate.confidence_threshold) | novel
+        # low-confidence and novel cells get the unlabelled category, the others their top label
         assert (ad_.obs[LABEL_KEY][low] == "Unknown").all()
         assert (ad_.obs[LABEL_KEY][~low].to_numpy() == pred[~low]).all()
     assert accs["c"] > 0.6, accs  # the site without labels: three types, chance is 1/3

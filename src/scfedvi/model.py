@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -380,54 +379,43 @@ class ScFedVI:
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the global model, schema, configuration and history to ``directory``."""
-        self._require_trained()
-        d = Path(directory)
-        if (d / MODEL_FILE).exists() and not overwrite:
-            raise FileExistsError(
-                f"{d / MODEL_FILE} exists; pass overwrite=True or choose another directory"
-            )
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / MODEL_FILE, **self.params)  # type: ignore[arg-type]
-        self.schema.save(d / SCHEMA_FILE)
-        (d / CONFIG_FILE).write_text(
-            json.dumps(
-                {
-                    "config": self.config.to_dict(),
-                    "layer": self.layer,
-                    "schedule": None if self.schedule is None else self.schedule.to_dict(),
-                    "early_stopped": self.early_stopped,
-                },
-                indent=2,
-            )
-        )
-        self.history.to_csv(d / HISTORY_FILE, index=False)
-        from scfedvi.federation.balance import steps_to_arrays
+        from scfedvi._saved import save_model_dir
 
-        np.savez(d / BALANCE_FILE, **steps_to_arrays(self.balance_steps()))  # type: ignore[arg-type]
-        return d
+        self._require_trained()
+        assert self.params is not None
+        meta = {
+            "layer": self.layer,
+            "schedule": None if self.schedule is None else self.schedule.to_dict(),
+            "early_stopped": self.early_stopped,
+        }
+        return save_model_dir(
+            directory,
+            params=self.params,
+            schema=self.schema,
+            config=self.config,
+            meta_file=CONFIG_FILE,
+            meta=meta,
+            history=self.history,
+            balance=self.balance_steps(),
+            overwrite=overwrite,
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ScFedVI:
         """Load a saved global model; a site can then embed its own cells with it."""
-        d = Path(directory)
-        if not (d / MODEL_FILE).exists():
-            raise FileNotFoundError(f"no saved scFedVI model in {d} (missing {MODEL_FILE})")
-        meta = json.loads((d / CONFIG_FILE).read_text())
-        model = cls(
-            FederationSchema.load(d / SCHEMA_FILE),
-            RunConfig.from_dict(meta["config"]),
-            layer=meta["layer"],
-        )
-        with np.load(d / MODEL_FILE) as z:
-            model.params = {k: z[k] for k in z.files}
-        if meta.get("schedule"):
+        from scfedvi._saved import load_model_dir
+
+        saved = load_model_dir(directory, meta_file=CONFIG_FILE, kind="scFedVI")
+        model = cls(saved.schema, saved.config, layer=saved.meta["layer"])
+        model.params = saved.params
+        if saved.meta.get("schedule"):
             from scfedvi.federation.schedule import Schedule
 
-            model.schedule = Schedule.from_dict(meta["schedule"])
-            model.early_stopped = bool(meta.get("early_stopped", False))
-        if (d / HISTORY_FILE).exists() and (d / HISTORY_FILE).stat().st_size > 1:
-            model.history = pd.read_csv(d / HISTORY_FILE)
-        model._balance = _load_balance(d / BALANCE_FILE, model.config.balance_clusters)
+            model.schedule = Schedule.from_dict(saved.meta["schedule"])
+            model.early_stopped = bool(saved.meta.get("early_stopped", False))
+        if saved.history is not None:
+            model.history = saved.history
+        model._balance = saved.balance
         return model
 
     def to_scvi(self, adata: ad.AnnData) -> Any:
@@ -448,21 +436,6 @@ class ScFedVI:
             f"ScFedVI({state}; {len(self.sites)} sites, {s.n_genes} genes, {s.n_batches} batches "
             f"of {s.batch_key!r}, schema {s.hash[:12]})"
         )
-
-
-def _load_balance(path: Path, clusters: int) -> list[Any]:
-    from scfedvi.federation.balance import steps_from_arrays
-
-    if not path.exists():
-        if clusters:
-            log.warning(
-                "%s is missing (a model saved before balancing existed): embedding with each "
-                "site's own statistics, unbalanced",
-                path,
-            )
-        return []
-    with np.load(path) as z:
-        return steps_from_arrays({k: z[k] for k in z.files})
 
 
 def _split(adata: ad.AnnData, split_key: str | None) -> dict[str, ad.AnnData]:

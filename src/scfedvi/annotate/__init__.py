@@ -13,6 +13,7 @@ from scfedvi.annotate.model import (
     CONFIDENCE_KEY,
     LABEL_KEY,
     LATENT_KEY,
+    NOVELTY_KEY,
     AnnotateConfig,
     ScFedANVI,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "CONFIDENCE_KEY",
     "LABEL_KEY",
     "LATENT_KEY",
+    "NOVELTY_KEY",
     "AnnotateConfig",
     "ScFedANVI",
     "load_query_data",

@@ -103,6 +103,8 @@ def load_query_data(
     params = extend_batches(model, new, seed)
     query = ScFedANVI(q_schema, model.config, model.annotate, layer=model.layer)
     query._balance = model._balance
+    query.label_centroids = model.label_centroids
+    query.latent_moments = model.latent_moments
     module = query._module()
     set_state(module, params)
     data = LabelledSiteTensors(sd.X, sd.batch_index)

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 #: A site needs this many labelled training cells to contribute the classification loss
 #: (BatchNorm in training mode cannot normalize fewer).
 MIN_LABELLED = 3
+#: Draws from the pooled latent distribution on which the classifier's statistics are computed
+#: (the first layer's mean and variance are those of the pooled moments to about 1%).
+MOMENT_DRAWS, MOMENT_SEED = 20_000, 0
 
 
 @dataclass
@@ -132,17 +135,30 @@ class AnnotateSite(SiteWorker):
         update.metrics["labelled_cells"] = float(len(stream) if used else 0)
         return update
 
-    def predict(self, global_params: Any, balance: Any = ()) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self,
+        global_params: Any,
+        balance: Any = (),
+        moments: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The site's cells: (latent, label probabilities), computed at the site.
 
-        With site-local statistics, the classifier's BatchNorm statistics are the site's too,
-        computed on its latent codes resampled as the last balancing step weights them.
+        The classifier's BatchNorm statistics: with ``moments`` (the mean and covariance of
+        the latent codes pooled over the federation's cells, :func:`pooled_moments`), those of
+        the pooled latent distribution, the same at every site; without, and with site-local
+        statistics, the site's own, computed on its latent codes resampled as the last
+        balancing step weights them.
         """
         z = self.embed(global_params, balance)
         module = self.module
         assert isinstance(module, SCANVAE)
         device = next(module.parameters()).device
-        if self.config.local_batchnorm:
+        if moments is not None:
+            mean, cov = moments
+            rng = np.random.default_rng(MOMENT_SEED)
+            draws = rng.multivariate_normal(mean, cov, size=MOMENT_DRAWS, method="eigh")
+            calibrate_classifier(module, draws.astype(np.float32), device)
+        elif self.config.local_batchnorm:
             zc = z
             if balance:
                 from scfedvi.federation.balance import (
@@ -182,10 +198,75 @@ def calibrate_classifier(
         m.momentum = None
         m.train()
     order = np.random.default_rng(0).permutation(len(z))
-    for i in range(0, len(z), batch_size):
-        idx = order[i : i + batch_size]
+    chunks = [order[i : i + batch_size] for i in range(0, len(z), batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) < batch_size:
+        chunks.pop()  # the cumulative average weights minibatches equally: a short last one
+    for idx in chunks:  # would count as much as a full one
         if len(idx) >= 2:
             module.classifier(torch.from_numpy(z[idx]).to(device))
     for m in bns:
         m.momentum = saved[m]
         m.eval()
+
+
+def label_summary(
+    z: np.ndarray, labels: np.ndarray, n_labels: int, min_cells: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A site's per-label sums of its labelled cells' latent codes, computed at the site.
+
+    Returns ``(counts, sums, squares)``: cells, sum of ``z`` and sum of ``|z|^2`` per label.
+    A label with fewer than ``min_cells`` of the site's cells (its policy's
+    ``min_cluster_cells``, as for balancing's clusters) sends only its count: its sums are 0.
+    """
+    counts = np.bincount(labels[labels >= 0], minlength=n_labels).astype(np.float64)
+    sums = np.zeros((n_labels, z.shape[1]))
+    squares = np.zeros(n_labels)
+    for k in np.flatnonzero(counts >= min_cells):
+        zk = z[labels == k].astype(np.float64)
+        sums[k], squares[k] = zk.sum(0), float((zk**2).sum())
+    counts[counts < min_cells] = 0.0
+    return counts, sums, squares
+
+
+def label_centroids(
+    summaries: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The coordinator's side: each label's centroid and mean squared distance to it over
+    every site's (summarised) cells; labels without cells get NaN."""
+    n = np.sum([s[0] for s in summaries], axis=0)
+    sums = np.sum([s[1] for s in summaries], axis=0)
+    sq = np.sum([s[2] for s in summaries], axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroids = sums / n[:, None]
+        spread = sq / n - (centroids**2).sum(1)
+    return centroids, np.maximum(spread, 1e-12)
+
+
+def novelty(z: np.ndarray, best: np.ndarray, centroids: np.ndarray, spread: np.ndarray):
+    """Each cell's squared distance to its predicted label's centroid over that label's mean
+    squared distance (1: a typical cell of the label; NaN: the label has no centroid)."""
+    d2 = ((z - centroids[best]) ** 2).sum(1)
+    return d2 / spread[best]
+
+
+def latent_moments(z: np.ndarray, min_cells: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """A site's ``(cells, sum of z, sum of z z^T)`` over all its cells, computed at the site
+    (nothing from a site with fewer than ``min_cells`` cells, its policy's
+    ``min_cluster_cells``)."""
+    if len(z) < min_cells:
+        return 0.0, np.zeros(z.shape[1]), np.zeros((z.shape[1], z.shape[1]))
+    z = z.astype(np.float64)
+    return float(len(z)), z.sum(0), z.T @ z
+
+
+def pooled_moments(
+    summaries: list[tuple[float, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The coordinator's side: the mean and covariance of the latent codes of every site's
+    cells from the sites' :func:`latent_moments`."""
+    n = float(sum(s[0] for s in summaries))
+    if n < 2:
+        return None
+    mean = np.sum([s[1] for s in summaries], axis=0) / n
+    cov = np.sum([s[2] for s in summaries], axis=0) / n - np.outer(mean, mean)
+    return mean, (cov + cov.T) / 2
