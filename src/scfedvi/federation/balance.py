@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -184,6 +184,12 @@ def site_seed(seed: int, n_steps: int, index: int) -> int:
     """The seed of a site's own k-means: the run's, the pass and the site's place in the
     federation's sites sorted by name (each site starts differently)."""
     return seed + 1000 * n_steps + index
+
+
+def site_seeds(seed: int, n_steps: int, sites: Iterable[str]) -> dict[str, int]:
+    """Every site's :func:`site_seed`, each placed among ``sites`` sorted by name (the rule
+    both runtimes use: the seeds do not depend on the order the sites answer in)."""
+    return {s: site_seed(seed, n_steps, i) for i, s in enumerate(sorted(sites))}
 
 
 def cluster_sums(
@@ -353,7 +359,7 @@ def balance_in_process(
     if not k:
         return []
     workers = sorted(workers, key=lambda w: w.name)
-    index = {w.name: i for i, w in enumerate(workers)}
+    names = [w.name for w in workers]
     ledger, failed = new_ledger(), {}
     cache: dict[int, dict[str, np.ndarray]] = {}
 
@@ -372,7 +378,7 @@ def balance_in_process(
                         config,
                         phase=phase,
                         n_clusters=k,
-                        seed=site_seed(fc.seed, len(steps), index[w.name]),
+                        seed=site_seeds(fc.seed, len(steps), names)[w.name],
                         n_steps=len(steps),
                         centroids=centroids,
                         ledger=ledger,

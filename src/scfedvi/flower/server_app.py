@@ -27,7 +27,7 @@ from scfedvi.config import RunConfig
 from scfedvi.data.schema import FederationSchema
 from scfedvi.federation import rounds
 from scfedvi.federation.aggregate import SiteUpdate
-from scfedvi.federation.balance import BalanceStep, run_balance, site_seed, steps_to_arrays
+from scfedvi.federation.balance import BalanceStep, run_balance, site_seeds, steps_to_arrays
 from scfedvi.federation.coordinator import CHECKPOINT, Coordinator
 from scfedvi.flower import messages as m
 from scfedvi.flower.exchange import Exchange
@@ -242,11 +242,11 @@ def balance(
         return [], {}
     fc = cfg.federation
     failed: dict[str, str] = {}
-    index = {s: i for i, s in enumerate(sorted(fed.sites.values()))}
 
     def ask(phase: str, steps: list[BalanceStep], centroids: np.ndarray | None) -> list[Any]:
         online = ex.online()
         targets = {}
+        seeds = site_seeds(fc.seed, len(steps), fed.sites.values())
         for n, s in fed.sites.items():
             if n not in online or s in skip or s in failed:
                 continue
@@ -254,7 +254,7 @@ def balance(
             extra: dict[str, str | int] = {
                 m.PHASE: phase,
                 m.N_CLUSTERS: k,
-                m.SEED: site_seed(fc.seed, len(steps), index[s]),
+                m.SEED: seeds[s],
             }
             rd[m.CONFIG] = m.round_config(fed.schema.hash, coord.round, **extra)
             if steps:
