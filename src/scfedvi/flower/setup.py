@@ -140,12 +140,13 @@ def harmonize(
         res = ex.ask(
             {n: query_to_record(q) for n, q in asked.items()}, MESSAGE_TYPE[step], app.setup_timeout
         )
-        names = {n: str(r.content.config_records[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
-        if step == GENES and queries is None:
+        if step == GENES and queries is None:  # the sites name themselves, once
+            names = {n: str(r.content.config_records[m.CONFIG][m.SITE]) for n, r in res.ok.items()}
             _check_enough(names, res.failed, min_sites, "gene names")
             node_of.update({s: n for n, s in names.items()})
             live.update(names.values())
-        else:
+        else:  # a node's replies are filed under the name it gave first
+            names = {n: s for s, n in node_of.items()}
             live.difference_update(s for s, n in node_of.items() if n in res.failed)
             _check_enough({node_of[s]: s for s in live}, res.failed, min_sites, f"{step}s")
         return {
