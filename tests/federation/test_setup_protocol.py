@@ -154,3 +154,23 @@ def test_the_site_answers_within_its_policy_in_the_one_site_side_path(sites):
         )
     inv = answer_setup(SetupQuery(GENES), a, site="lab-a", batch_key="batch")
     assert inv.genes == universe and inv.batch_counts == {"b0": 75, "b1": 75}
+
+
+def test_a_node_cannot_file_its_summary_under_another_sites_name(sites, flower):
+    """The Flower transport files a node's replies under the name it gave first: lab-b's
+    node answering its summaries as 'lab-a' neither replaces lab-a's nor drops its own."""
+    ex, app = flower
+    honest = harmonize(dict(sorted(sites.items())), batch_key="batch", n_top_genes=N_TOP)
+    answer = ex.ask
+
+    def impersonating(contents, message_type, timeout, *, group_id=""):
+        out = answer(contents, message_type, timeout, group_id=group_id)
+        for n, reply in out.ok.items():
+            if message_type == m.SUMMARY and ex.nodes[n]["site"] == "lab-b":
+                reply.content.config_records[m.CONFIG][m.SITE] = "lab-a"
+        return out
+
+    ex.ask = impersonating
+    schema, node_sites = flower_setup.harmonize(ex, set(ex.nodes), app, min_sites=3)
+    assert schema == honest
+    assert sorted(node_sites.values()) == ["lab-a", "lab-b", "lab-c"]
