@@ -23,6 +23,7 @@ from scfedvi.report.markdown import Block
 #: Methods in the order of the tables; the first is the one the targets are about.
 METHODS = (
     "fed-scanvi",
+    "fed-scanvi (own stats)",
     "pooled-scanvi",
     "labelled-only-scanvi",
     "knn-scfedvi",
@@ -38,6 +39,10 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
     if not p.exists():
         raise FileNotFoundError(f"{p} is missing: run benchmarks/label_transfer.py first")
     rows = [json.loads(s) for s in p.read_text().splitlines() if s.strip()]
+    for r in rows:  # federated rows with each site's own classifier statistics: an ablation
+        own = (r.get("annotate") or {}).get("classifier_stats", "site") == "site"
+        if own and r["method"].startswith(("fed-", "new-site", "scib")):
+            r["method"] += " (own stats)"
     df = pd.DataFrame(rows)
     keys = ["dataset", "seed", "hidden", "method", "epochs"]
     return df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
