@@ -12,9 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 BIN = Path(sys.executable).parent
 
@@ -41,6 +43,26 @@ def flower_env(home: Path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+def stamp_lines(stream: IO[bytes] | None, log: Path) -> threading.Thread:
+    """Copy ``stream`` (a process's output, and its children's) into ``log``, each line
+    prefixed with the wall-clock time (``HH:MM:SS.mmm``): Flower's own lines carry none, and
+    the time between a SuperNode's "Receiving" and "Sending" lines is what one message cost."""
+
+    def copy() -> None:
+        assert stream is not None
+        with log.open("ab") as f:
+            for line in iter(stream.readline, b""):
+                now = time.time()
+                ms = int(now * 1000) % 1000
+                f.write(time.strftime("%H:%M:%S", time.localtime(now)).encode())
+                f.write(f".{ms:03d} ".encode() + line)
+                f.flush()
+
+    t = threading.Thread(target=copy, name=f"log {log.name}", daemon=True)
+    t.start()
+    return t
 
 
 def _children() -> dict[int, list[int]]:
@@ -88,6 +110,7 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -110,6 +133,8 @@ class Proc:
                 _signal(pid, signal.SIGKILL)
 
     def tail(self, n: int = 40) -> str:
+        if self.reader is not None and self.popen.poll() is not None:
+            self.reader.join(2)  # the last lines of a process that exited
         try:
             lines = self.log.read_text(errors="replace").splitlines()
         except OSError:
@@ -141,11 +166,10 @@ class Cluster:
 
     def _start(self, name: str, cmd: list[str]) -> Proc:
         log = self.root / f"{name}.log"
-        with log.open("ab") as f:
-            p = subprocess.Popen(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.root
-            )
-        proc = Proc(name, p, log)
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, cwd=self.root
+        )
+        proc = Proc(name, p, log, stamp_lines(p.stdout, log))
         self.procs.append(proc)
         return proc
 
@@ -279,7 +303,8 @@ def wait_result(cluster: Cluster, out_dir: Path, run_id: int, timeout: float) ->
     """Wait until the ServerApp wrote a final ``result.json`` (or the run finished without)."""
     path = out_dir / "result.json"
     end = time.monotonic() + timeout
-    next_ls = time.monotonic() + 20
+    # `flwr ls` (a run that finished without a result) is a fresh process: rarely
+    next_ls = time.monotonic() + 60
     while time.monotonic() < end:
         if path.exists():
             res = json.loads(path.read_text())
@@ -293,6 +318,6 @@ def wait_result(cluster: Cluster, out_dir: Path, run_id: int, timeout: float) ->
                 if res.get("status") in ("completed", "failed") and res.get("run_id") == run_id:
                     return res
                 raise RuntimeError(f"run {run_id} {status} without a result\n{cluster.logs()}")
-            next_ls = time.monotonic() + 20
+            next_ls = time.monotonic() + 60
         time.sleep(0.5)
     raise TimeoutError(f"run {run_id}: no result after {timeout} s\n{cluster.logs()}")

@@ -122,7 +122,23 @@ def start_sites(cluster: Cluster, site_files: SiteFiles) -> None:
         cluster.start_supernode(site, site_files.paths[site])
 
 
-def check_model(out: Path, in_process: tuple[str, dict[str, np.ndarray], list]) -> None:
+def start_registered_sites(cluster: Cluster, site_files: SiteFiles, keys: Path) -> None:
+    """Register a key pair per site with the SuperLink (``flwr supernode register``) and start
+    each site's SuperNode with its private key (a cluster with ``auth=True``)."""
+    from flower_certs import make_node_keys
+
+    for site in SITES:
+        private, public = make_node_keys(keys, site)
+        reg = cluster.flwr("supernode", "register", str(public), "test")
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        cluster.start_supernode(site, site_files.paths[site], key=private)
+
+
+def check_model(
+    out: Path, in_process: tuple[str, dict[str, np.ndarray], list], balanced: bool = True
+) -> None:
+    """The saved model equals the in-process one; with ``balanced``, so do the balancing
+    steps (a run with ``balance-clusters=0`` has none)."""
     schema_hash, params, steps = in_process
     from scfedvi.model import ScFedVI
 
@@ -133,6 +149,9 @@ def check_model(out: Path, in_process: tuple[str, dict[str, np.ndarray], list]) 
         np.testing.assert_allclose(model.params[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
     # the same balancing steps (federated k-means as message rounds = in process)
     got = model.balance_steps()
+    if not balanced:
+        assert got == [], got
+        return
     assert len(got) == len(steps) == model.config.federation.balance_iterations
     for a, b in zip(got, steps, strict=True):
         np.testing.assert_allclose(a.centroids, b.centroids, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,6 @@
-"""The deployment engine: SuperLink + three SuperNodes on loopback, ``flwr run``.
+"""The deployment engine: SuperLink + three SuperNodes on loopback, ``flwr run``, as the
+deployment guide runs it: TLS, and SuperNode authentication (each site's key registered with
+``flwr supernode register``; an unregistered key is refused in test_tls_auth.py).
 
 One run gives the same global model as the in-process runtime for the same seeds, writes
 each site's embedding at the site, and every reply the server received fits the list of
@@ -15,7 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from flower_harness import wait_result
-from flower_sites import SITES, SiteFiles, check_model, flower_run_config, start_sites
+from flower_sites import (
+    SITES,
+    SiteFiles,
+    check_model,
+    flower_run_config,
+    start_registered_sites,
+)
 
 from scfedvi._constants import LATENT_KEY
 from scfedvi.flower.settings import write_app_dir
@@ -24,11 +32,12 @@ from scfedvi.model import ScFedVI
 pytestmark = pytest.mark.flower
 
 
-def test_deployment_equals_in_process(cluster, site_files, in_process, tmp_path):
+def test_deployment_equals_in_process(secure_cluster, site_files, in_process, tmp_path):
+    cluster = secure_cluster
     out = tmp_path / "server-out"
     payloads = tmp_path / "payloads.jsonl"
     cluster.start_superlink()
-    start_sites(cluster, site_files)
+    start_registered_sites(cluster, site_files, tmp_path / "keys")
     app_dir = write_app_dir(tmp_path / "app")
     run_id = cluster.run_app(app_dir, flower_run_config(out, **{"payload-log": str(payloads)}))
     result = wait_result(cluster, out, run_id, timeout=420)
@@ -48,7 +57,8 @@ def test_deployment_equals_in_process(cluster, site_files, in_process, tmp_path)
 
 #: What a reply may carry, by record: (record kind, allowed item names or None for any).
 SETUP_CONFIG = {"site", "genes", "batches", "counts", "labels", "schema-hash", "n-cells"}
-ROUND_CONFIG = {"site", "schema-hash", "round", "batch-counts", "n-embedded", "phase"}
+#: ("data-cache": why the site rebuilt its data cache, a fixed phrase, when it did)
+ROUND_CONFIG = {"site", "schema-hash", "round", "batch-counts", "n-embedded", "phase", "data-cache"}
 
 
 def check_payloads(path: Path, site_files: SiteFiles, shared: dict[str, np.ndarray]) -> None:

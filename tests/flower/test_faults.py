@@ -42,6 +42,10 @@ def wait_file(cluster: Cluster, path: Path, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+#: Seconds the coordinator waits for a round's replies in the killed-site test.
+ROUND_TIMEOUT = 40.0
+
+
 def test_site_killed_during_round_and_site_data_gone(cluster, site_files, tmp_path):
     """site-c's SuperNode dies in round 1; site-b's data file disappears after the setup
     round: site-b answers each round with an error naming itself and the path, and the run
@@ -53,7 +57,13 @@ def test_site_killed_during_round_and_site_data_gone(cluster, site_files, tmp_pa
     shutil.copy(site_files.paths["site-b"], data_b)
     for site in SITES:
         cluster.start_supernode(site, data_b if site == "site-b" else site_files.paths[site])
-    cfg = flower_run_config(out, **{"round-timeout": 60.0, "min-sites": 1})
+    # site-c's round-1 message is never answered: the round ends at round-timeout, which
+    # must still let site-a answer (about 10 s on an idle 2-core machine, 20-30 s at a load
+    # average of 5-10). No balancing: not what this test checks (the embedding still goes
+    # to the sites left)
+    cfg = flower_run_config(
+        out, **{"round-timeout": ROUND_TIMEOUT, "min-sites": 1, "balance-clusters": 0}
+    )
     run_id = cluster.run_app(write_app_dir(tmp_path / "app"), cfg)
     # site-b agreed to the schema (and cached its data): its file goes before round 0 starts
     wait_file(cluster, tmp_path / "sites" / "site-b.schema.json")
@@ -88,7 +98,7 @@ def test_coordinator_restart_resumes(cluster, site_files, in_process, tmp_path):
     cluster.start_superlink(database=database)
     start_sites(cluster, site_files)
     app_dir = write_app_dir(tmp_path / "app")
-    cfg = flower_run_config(out)
+    cfg = flower_run_config(out, **{"balance-clusters": 0})  # resuming is what is checked
     cluster.run_app(app_dir, cfg)
     wait_checkpoint(cluster, out, 1)
     first = cluster.superlink
@@ -102,5 +112,5 @@ def test_coordinator_restart_resumes(cluster, site_files, in_process, tmp_path):
     assert result["resumed_from_round"] == 1 and result["rounds"] == 2
     history = pd.read_csv(out / "history.csv")
     assert sorted(history["round"].tolist()) == [0, 0, 0, 1, 1, 1]
-    check_model(out, in_process)  # nothing learned before the stop was lost
+    check_model(out, in_process, balanced=False)  # nothing learned before the stop was lost
     assert np.isfinite(history["loss"]).all()

@@ -1,47 +1,49 @@
-"""Deployment with TLS and SuperNode authentication, as the deployment guide runs it.
+"""SuperNode authentication over TLS, as the deployment guide runs it: the refusals.
 
-The SuperLink serves its APIs over TLS (a test CA and a certificate for 127.0.0.1) and
-accepts only the SuperNodes whose public keys were registered with ``flwr supernode
-register``; a SuperNode with an unregistered key takes no part.
+The whole run over TLS with registered SuperNodes (and an unregistered one started beside
+them) is :func:`test_deployment.test_deployment_equals_in_process`; here, without a run, a
+SuperLink that requires registered keys turns away a SuperNode whose key was never
+registered, and lists only the registered one.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import time
 
 import pytest
-from flower_certs import make_node_keys, make_tls
-from flower_harness import Cluster, wait_result
-from flower_sites import SITES, check_model, flower_run_config
-
-from scfedvi.flower.settings import write_app_dir
+from flower_certs import make_node_keys
+from flower_harness import Cluster
 
 pytestmark = pytest.mark.flower
 
 
-@pytest.fixture
-def secure_cluster(tmp_path: Path):
-    c = Cluster(tmp_path, tls=make_tls(tmp_path / "certs"), auth=True)
-    yield c
-    c.stop_all()
+def registered_nodes(cluster: Cluster) -> list[dict]:
+    res = cluster.flwr("supernode", "list", "test", "--format", "json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return list(json.loads(res.stdout[res.stdout.index("{") :])["nodes"])
 
 
-def test_tls_and_supernode_auth(secure_cluster, site_files, in_process, tmp_path):
+def test_unregistered_supernode_refused(secure_cluster, site_files, tmp_path):
     cluster = secure_cluster
-    out = tmp_path / "server-out"
     cluster.start_superlink()
     keys = tmp_path / "keys"
-    for site in SITES:
-        private, public = make_node_keys(keys, site)
-        reg = cluster.flwr("supernode", "register", str(public), "test")
-        assert reg.returncode == 0, reg.stdout + reg.stderr
-        cluster.start_supernode(site, site_files.paths[site], key=private)
+    private, public = make_node_keys(keys, "site-a")
+    reg = cluster.flwr("supernode", "register", str(public), "test")
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    # the control: the registered key connects over the same TLS channel
+    cluster.start_supernode("site-a", site_files.paths["site-a"], key=private)
     intruder, _ = make_node_keys(keys, "intruder")  # never registered
-    # never registered: it may be turned away (and exit) before its port is up
-    cluster.start_supernode("intruder", site_files.paths["site-a"], key=intruder, wait=False)
-
-    run_id = cluster.run_app(write_app_dir(tmp_path / "app"), flower_run_config(out))
-    result = wait_result(cluster, out, run_id, timeout=300)
-    assert result["status"] == "completed", f"{result}\n{cluster.logs()}"
-    assert result["sites"] == list(SITES)  # the intruder was not admitted
-    check_model(out, in_process)
+    proc = cluster.start_supernode("intruder", site_files.paths["site-a"], key=intruder, wait=False)
+    end = time.monotonic() + 60
+    while proc.popen.poll() is None and time.monotonic() < end:
+        time.sleep(0.2)
+    log = proc.tail(80)
+    assert proc.popen.poll() is not None, f"the unregistered SuperNode still runs\n{log}"
+    assert proc.popen.returncode != 0 and "Failed to activate SuperNode" in log, log
+    assert cluster.superlink is not None
+    link = cluster.superlink.tail(200)
+    assert "No SuperNode found with the given public key" in link, link
+    assert cluster.nodes["site-a"].popen.poll() is None, cluster.logs()
+    nodes = registered_nodes(cluster)
+    assert len(nodes) == 1, nodes  # the registered key only; nothing of the intruder
