@@ -32,9 +32,10 @@ A site checks, before answering, that the roster has at least its policy's
 ``min_secagg_sites`` sites (default 3) and that the threshold is a majority of the roster (at
 least 2); the coordinator refuses to proceed when fewer than ``t`` sites survive a stage. What
 the key exchange does not give: authentication of the public keys (a coordinator that replaces
-them can read every update unless the sites pin each other's keys), and SecAgg's consistency
-round (a malicious coordinator that shows different survivor sets to different sites is
-stopped by the majority threshold only). See ``docs/privacy.md``.
+them can read every update unless the sites pin each other's keys), and SecAgg's
+malicious-secure signatures and consistency round (a coordinator that shows a site a shorter
+peer list than it shows the others can unmask that site's update). It holds against an
+honest-but-curious coordinator, other sites and outsiders. See ``docs/privacy.md``.
 
 Light: numpy, :mod:`cryptography` and the standard library.
 """
