@@ -21,7 +21,9 @@ def add_annotate_parser(sub) -> None:
         help="federated scANVI on a trained run: predict cell types at every site",
         description="Continue a trained scFedVI run with federated scANVI (as scvi-tools' "
         "SCANVI.from_scvi_model): cells labelled --unlabeled-category are unlabelled; every "
-        "site gets obs['scfedvi_label'], obs['scfedvi_label_confidence'] and "
+        "site gets obs['scfedvi_label'] (the unlabelled category for cells below the "
+        "confidence threshold or far from their label's centroid), "
+        "obs['scfedvi_label_confidence'], obs['scfedvi_label_novelty'] and "
         "obsm['X_scFedANVI']. Writes OUT/model (for `scfedvi embed --predict`) and each "
         "site's .h5ad.",
     )
