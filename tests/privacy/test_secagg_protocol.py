@@ -257,3 +257,95 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round():
         check_training(policy, "a", _config(PrivacyConfig()), 100)
     secure = PrivacyConfig(clip_norm=1.0, clip_at="site", expected_sites=3, secure_aggregation=True)
     check_training(policy, "a", _config(secure), 100)  # accepted
+
+
+def _secure_aggregate(priv: PrivacyConfig, drop: dict[str, str] | None = None):
+    """Three sites' random updates of a small model through the protocol into a coordinator;
+    returns (coordinator params after, the updates, the global params before, survivors)."""
+    from scfedvi.federation.aggregate import SiteUpdate
+    from scfedvi.federation.coordinator import Coordinator
+    from scfedvi.privacy.secagg import secagg_bound, vector_length
+
+    drop = drop or {}
+    coord = Coordinator(30, 3, _config(priv))
+    g = coord.params
+    rng = np.random.default_rng(1)
+    counts = {"a": {0: 40, 1: 10}, "b": {1: 30}, "c": {0: 5, 2: 50}}
+    n_cells = {s: sum(c.values()) for s, c in counts.items()}
+    ups = [
+        SiteUpdate(
+            s,
+            {k: (v + 0.01 * rng.normal(size=v.shape)).astype(v.dtype) for k, v in g.items()},
+            n_cells[s] - 3,
+            c,
+        )
+        for s, c in counts.items()
+    ]
+    bound = secagg_bound(priv, n_cells)
+    weighted = priv.noise_multiplier == 0
+    vecs = {
+        u.site: encode_update(
+            u.params,
+            g,
+            site_weights(u.num_examples, u.batch_counts, 3, weighted),
+            batch_owned=coord.batch_owned if weighted else {},
+            clip_norm=priv.clip_norm,
+            bound=bound,
+        )
+        for u in ups
+    }
+    sessions = {s: SiteSession(s, RUN, 0) for s in vecs}
+    order = ["keys", SHARES, MASKED, UNMASK]
+
+    def ask(stage, payloads):
+        out = {}
+        for s, p in payloads.items():
+            if s in drop and order.index(drop[s]) <= order.index(stage):
+                continue
+            if stage == SHARES:
+                out[s] = sessions[s].shares(p)
+            elif stage == MASKED:
+                out[s] = {"masked": sessions[s].masked(vecs[s], p)}
+            else:
+                out[s] = sessions[s].unmask(p)
+        return out
+
+    keys = {s: x.keys() for s, x in sessions.items()}
+    res = secure_sum(ask, keys, length=vector_length(g, 3), run_id=RUN, round_idx=0)
+    before = {k: v.copy() for k, v in g.items()}
+    coord.aggregate_secure(res, ups, bound=bound, dropped=sorted(res.dropped))
+    return coord, ups, before, res.survivors
+
+
+def test_weighted_secure_sum_is_fedavg_with_batch_columns_over_the_survivors():
+    from scfedvi.federation.aggregate import fedavg
+
+    priv = PrivacyConfig(clip_norm=1e3, clip_at="site", expected_sites=3, secure_aggregation=True)
+    coord, ups, before, alive = _secure_aggregate(priv, drop={"b": MASKED})
+    assert alive == ["a", "c"]
+    assert coord.batch_owned  # the small model has batch-owned columns
+    want = fedavg([u for u in ups if u.site in alive], before, coord.batch_owned)
+    for k in want:  # batch 1 now only from "a", batch 2 only from "c", batch 0 weighted 40:5
+        np.testing.assert_allclose(coord.params[k], want[k], rtol=0, atol=1e-5, err_msg=k)
+    dropped = [h for h in coord.history if h["site"] == "b"]
+    assert dropped and dropped[0]["status"] == "dropped"
+
+
+def test_dp_secure_sum_is_the_fixed_divisor_sum_plus_noise_added_by_the_coordinator():
+    from scfedvi.privacy.dp import dp_average
+
+    priv = PrivacyConfig(
+        clip_norm=0.05,
+        noise_multiplier=1e-6,
+        clip_at="site",
+        expected_sites=3,
+        secure_aggregation=True,
+    )
+    coord, ups, before, _ = _secure_aggregate(priv)
+    want, _ = dp_average(
+        ups, before, clip_norm=0.05, noise_multiplier=0.0, divisor=3, noise=lambda s, std: 0
+    )
+    diffs = max(np.abs(coord.params[k] - want[k]).max() for k in want)
+    assert 0 < diffs < 1e-6  # the clipped updates' sum over 3, plus noise of std 1.7e-8
+    rows = [h for h in coord.history if h.get("status") == "dp"]
+    assert rows and rows[0]["dp_divisor"] == 3.0 and rows[0]["dp_noise_std"] > 0
