@@ -127,7 +127,7 @@ def test_a_site_dropping_after_stage_2_or_3_is_recovered(stage):
 def test_a_site_refuses_to_reveal_both_shares_of_one_site():
     _, _, sessions = _run(3)  # every site answered: seed shares of all three were revealed
     with pytest.raises(PolicyRefusal, match="both the seed share and the key share"):
-        sessions["site-0"].unmask({"survivors": ["site-1", "site-2"]})  # "site-0 dropped"
+        sessions["site-0"].unmask({"survivors": ["site-0", "site-2"]})  # "site-1 dropped"
     # the same request again is answered (a retry), and reveals the same kinds
     again = sessions["site-0"].unmask({"survivors": sorted(sessions)})
     assert set(again["kinds"]) == {"seed"}
@@ -349,3 +349,13 @@ def test_dp_secure_sum_is_the_fixed_divisor_sum_plus_noise_added_by_the_coordina
     assert 0 < diffs < 1e-6  # the clipped updates' sum over 3, plus noise of std 1.7e-8
     rows = [h for h in coord.history if h.get("status") == "dp"]
     assert rows and rows[0]["dp_divisor"] == 3.0 and rows[0]["dp_noise_std"] > 0
+
+
+def test_a_site_that_sent_its_masked_update_refuses_to_be_listed_as_dropped():
+    def lie(stage, payloads):
+        if stage == UNMASK:  # tell site-0 that it dropped: its own key share would be revealed
+            payloads["site-0"] = {"survivors": ["site-1", "site-2", "site-3"]}
+        return payloads
+
+    with pytest.raises(PolicyRefusal, match="without this site"):
+        _run(4, tamper=lie)

@@ -322,6 +322,11 @@ class SiteSession:
         alive = {str(s) for s in p["survivors"]}
         if not alive <= set(self.survivors):
             raise self._refuse("survivors that did not send shares", "resend the stage")
+        if self.site not in alive:  # it sent its masked update: its key share would unmask it
+            raise self._refuse(
+                "a survivor list without this site, which sent its masked update",
+                "list every site whose masked update arrived",
+            )
         if len(alive) < self.threshold:
             raise self._refuse(
                 f"{len(alive)} masked updates, fewer than the threshold {self.threshold}",
