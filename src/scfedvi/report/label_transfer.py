@@ -23,12 +23,34 @@ from scfedvi.report.markdown import Block
 #: Methods in the order of the tables; the first is the one the targets are about.
 METHODS = (
     "fed-scanvi",
-    "fed-scanvi (own stats)",
+    "fed-scanvi (classifier_stats=site)",
     "pooled-scanvi",
     "labelled-only-scanvi",
     "knn-scfedvi",
     "new-site-frozen",
 )
+
+
+def variant(annotate: dict) -> str:
+    """`` (field=value, ...)`` for the scANVI settings of a row that differ from
+    :class:`~scfedvi.annotate.AnnotateConfig`'s defaults (those that change predictions; rows
+    written before ``classifier_stats`` existed used each site's own statistics)."""
+    from dataclasses import asdict
+
+    from scfedvi.annotate import AnnotateConfig
+
+    default = asdict(AnnotateConfig())
+    given = {"classifier_stats": "site", **annotate}
+    diff = [
+        f"{k}={given[k]}"
+        for k in default
+        if k in given and given[k] != default[k] and k not in IGNORED_SETTINGS
+    ]
+    return f" ({', '.join(diff)})" if diff else ""
+
+
+#: Settings that do not change the argmax predictions the tables score.
+IGNORED_SETTINGS = ("confidence_threshold", "novelty_ratio", "unlabeled_category")
 
 
 def load_results(path: str | os.PathLike) -> pd.DataFrame:
@@ -39,10 +61,9 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
     if not p.exists():
         raise FileNotFoundError(f"{p} is missing: run benchmarks/label_transfer.py first")
     rows = [json.loads(s) for s in p.read_text().splitlines() if s.strip()]
-    for r in rows:  # federated rows with each site's own classifier statistics: an ablation
-        own = (r.get("annotate") or {}).get("classifier_stats", "site") == "site"
-        if own and r["method"].startswith(("fed-", "new-site", "scib")):
-            r["method"] += " (own stats)"
+    for r in rows:  # federated rows with other scANVI settings than the defaults: apart
+        if r["method"].startswith(("fed-", "new-site", "scib")):
+            r["method"] += variant(r.get("annotate") or {})
     df = pd.DataFrame(rows)
     keys = ["dataset", "seed", "hidden", "method", "epochs"]
     return df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
