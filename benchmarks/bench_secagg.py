@@ -77,7 +77,8 @@ def protocol(n: int, genes: int, repeats: int, drop: str | None = None) -> dict[
         site_weights,
         vector_length,
     )
-    from scfedvi.privacy.secagg_protocol import MASKED, SHARES, SiteSession, secure_sum
+    from scfedvi.privacy.secagg_protocol import MASKED, SHARES, secure_sum
+    from scfedvi.privacy.secagg_site import SiteSession
 
     cfg = RunConfig(model=ModelConfig())
     g = Coordinator(genes, n, cfg).params

@@ -16,7 +16,8 @@ from scfedvi.config import SitePolicy
 from scfedvi.flower import secagg as fs
 from scfedvi.privacy.policy import PolicyRefusal
 from scfedvi.privacy.secagg import quantize, scale_for
-from scfedvi.privacy.secagg_protocol import SiteSession, secure_sum
+from scfedvi.privacy.secagg_protocol import secure_sum
+from scfedvi.privacy.secagg_site import SiteSession
 
 
 @dataclass

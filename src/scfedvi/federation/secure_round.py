@@ -6,7 +6,7 @@ vector the site masks (its clipped delta pre-scaled by its cell counts, then the
 :func:`scfedvi.privacy.secagg_protocol.secure_sum` runs the protocol's stages through the
 runtime's ``ask`` and :meth:`Coordinator.aggregate_secure` turns the unmasked sum into the new
 global model. :func:`secure_round_in_process` is the in-process runtime's ``ask``: each site's
-:class:`~scfedvi.privacy.secagg_protocol.SiteSession` answers in this process.
+:class:`~scfedvi.privacy.secagg_site.SiteSession` answers in this process.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from scfedvi.privacy.secagg_protocol import (
     UNMASK,
     Payload,
     SecureSum,
-    SiteSession,
     secure_sum,
 )
+from scfedvi.privacy.secagg_site import SiteSession
 from scfedvi.train.params import Params
 
 #: The stages at which a test may make a site drop out (it answers none after).

@@ -18,7 +18,7 @@ A secure training round is four message exchanges with each site:
 2. ``query.secagg`` phase ``shares``, 3. phase ``masked`` (the only array a site sends: the
    masked ``uint32`` vector), 4. phase ``unmask``.
 
-The site's session (:class:`~scfedvi.privacy.secagg_protocol.SiteSession`: its keys, the
+The site's session (:class:`~scfedvi.privacy.secagg_site.SiteSession`: its keys, the
 shares it holds and the kinds it revealed) lives in its state folder between messages, since
 Flower starts a new process for each.
 """
@@ -36,7 +36,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from scfedvi._constants import SCHEMA_HASH
 from scfedvi.flower import messages as m
-from scfedvi.privacy.secagg_protocol import Payload, SiteSession, secure_sum
+from scfedvi.privacy.secagg_protocol import Payload, secure_sum
+from scfedvi.privacy.secagg_site import SiteSession
 
 log = logging.getLogger(__name__)
 
