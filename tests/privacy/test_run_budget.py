@@ -259,3 +259,16 @@ def test_simulated_sites_keep_no_record_across_runs(flower_site, tmp_path):
     again = client_app.summary(_message(genes, m.SUMMARY, 34), ctx)
     assert again.has_error() and "query 2 of kind 'summary'" in again.error.reason
     assert not list((tmp_path / "sim-state").glob("*.runs.json"))
+
+
+def test_an_unwritable_record_is_a_clear_site_error(tmp_path):
+    from scfedvi.data.errors import SiteDataError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(SiteDataError, match=r"record of runs .* cannot be written .* state-dir"):
+        RunLedger(blocker / "lab-a.runs.json", "d").admit("lab-a", "1", SitePolicy())
+    broken = tmp_path / "lab-a.runs.json"
+    broken.write_text("{not json")
+    with pytest.raises(SiteDataError, match=r"is not valid JSON"):
+        RunLedger(broken, "d").admit("lab-a", "1", SitePolicy())

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from scfedvi.config import PrivacyConfig, SitePolicy
+from scfedvi.data.errors import SiteDataError
 from scfedvi.privacy.accountant import epsilon_closed_form
 from scfedvi.privacy.policy import refuse
 
@@ -92,11 +93,25 @@ class RunLedger:
             yield runs
             self._memory = runs
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_suffix(".lock"), "a")
+        except OSError as e:
+            raise SiteDataError(
+                f"the site's record of runs {str(self.path)!r} cannot be written ({e}); give "
+                "the site a writable state folder (Flower: --node-config state-dir; in "
+                "process: ScFedVI.from_sites(ledger_dir=))"
+            ) from e
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                runs = json.loads(self.path.read_text()) if self.path.exists() else {}
+                try:
+                    runs = json.loads(self.path.read_text()) if self.path.exists() else {}
+                except ValueError as e:
+                    raise SiteDataError(
+                        f"the site's record of runs {str(self.path)!r} is not valid JSON ({e}); "
+                        "its operator restores it (removing it forgets every run it answered)"
+                    ) from e
                 yield runs
                 tmp = self.path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(runs, indent=1, sort_keys=True))
