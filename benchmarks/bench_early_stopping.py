@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default="benchmark-out/scale/early_stopping.jsonl")
+    p.add_argument(
+        "--modes", nargs="+", choices=["off", "on"], default=["off", "on"], help="early stopping"
+    )
     return p.parse_args(argv)
 
 
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             for s in ev.obs[SITE_KEY].cat.categories
         }
         for seed in args.seeds:
-            for early in (False, True):
+            for early in [m == "on" for m in args.modes]:
                 r = run_one(sites, ev, spec, seed, early)
                 row = {
                     **head,

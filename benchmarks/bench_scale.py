@@ -20,6 +20,15 @@ subsample (``--scib-cells``) and a UMAP of a subsample (``--umap-cells``, timed)
 ``--max-epochs`` overrides BOTH methods' epochs (a throughput estimate, not the default
 schedule; printed as such).
 
+On a machine where the default schedule takes hours, measure part of it and extrapolate
+(every extrapolated figure is flagged ``train_extrapolated`` and printed as EXTRAPOLATED):
+``--rounds N`` trains the first N rounds of scFedVI's schedule, ``--scvi-epochs N`` the first
+N of scvi-tools' epochs, and ``--local-steps N`` (with ``--rounds``) makes scFedVI's rounds a
+throughput probe of N minibatch steps per site, from whose cells per second the default
+schedule's training time is extrapolated. The data are held once: the simulated int32 counts
+are turned into float32 in their own buffer, each site's AnnData views its rows of it, and
+scvi-tools trains on the same buffers (scFedVI's projection makes its own float32 copy).
+
 Usage::
 
     nice -n 10 .venv/bin/python benchmarks/bench_scale.py --n-cells 100000 --sites 10 \\
@@ -69,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train only N of scvi-tools' epochs; its time over its schedule is extrapolated",
     )
     p.add_argument("--skip-eval", action="store_true", help="no LISI, scIB or UMAP")
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=None,
+        help="a throughput probe: every site trains N steps a round (with --rounds); the "
+        "default schedule's training time is extrapolated from the measured cells per second",
+    )
     p.add_argument("--scib-cells", type=int, default=20_000, help="0: skip scIB")
     p.add_argument("--umap-cells", type=int, default=20_000, help="0: skip the UMAP")
     p.add_argument("--skip-scvi", action="store_true")
@@ -136,6 +152,7 @@ def site_views(adata: Any) -> dict[str, Any]:
 def run_scfedvi(adata: Any, args: argparse.Namespace, n_jobs: int) -> dict[str, Any]:
     from scfedvi import ScFedVI
     from scfedvi.config import RunConfig
+    from scfedvi.federation.schedule import resolve_schedule
 
     cfg = RunConfig()
     cfg = replace(
@@ -144,6 +161,9 @@ def run_scfedvi(adata: Any, args: argparse.Namespace, n_jobs: int) -> dict[str, 
             cfg.federation, seed=args.seed, n_jobs=n_jobs, max_epochs=args.max_epochs
         ),
     )
+    default_cfg = cfg
+    if args.local_steps:
+        cfg = replace(cfg, train=replace(cfg.train, local_steps=args.local_steps))
     t0 = time.perf_counter()
     sites = site_views(adata)
     model = ScFedVI.from_sites(
@@ -156,6 +176,8 @@ def run_scfedvi(adata: Any, args: argparse.Namespace, n_jobs: int) -> dict[str, 
     train_s = time.perf_counter() - t0
     rounds_run = int(model.history["round"].max()) + 1
     per_round = model.history.groupby("round")["seconds"].sum()  # sites' compute per round
+    passes_run = float(model.history["steps"].sum()) * cfg.train.batch_size  # (full batches)
+    default = resolve_schedule(default_cfg, {n: len(a) for n, a in sites.items()})
     t0 = time.perf_counter()
     model.balance_steps()
     balance_s = time.perf_counter() - t0
@@ -177,8 +199,14 @@ def run_scfedvi(adata: Any, args: argparse.Namespace, n_jobs: int) -> dict[str, 
         "peak_rss_mb_after_setup": rss_setup,
         "rounds_run": rounds_run,
         "train_s_measured": train_s,
-        "train_s": train_s * s.rounds / rounds_run,
-        "train_extrapolated": rounds_run < s.rounds,
+        "cell_passes_measured": passes_run,
+        "cells_per_s": passes_run / train_s,
+        "default_schedule_text": default.describe(),
+        "default_cell_passes": default.cell_passes,
+        "train_s": train_s * default.cell_passes / passes_run
+        if args.local_steps
+        else train_s * s.rounds / rounds_run,
+        "train_extrapolated": bool(args.local_steps) or rounds_run < s.rounds,
         "sites_compute_s_per_round": [float(x) for x in per_round],
         "memory_predicted_mb": {
             "coordinator": est.coordinator / 2**20,
@@ -233,6 +261,7 @@ def run_scvi(adata: Any, args: argparse.Namespace, threads: int) -> dict[str, An
         "cell_passes": epochs * int(np.ceil(0.9 * a.n_obs)),
         "setup_s": setup_s,
         "train_s_measured": train_s,
+        "cells_per_s": run_epochs * int(np.ceil(0.9 * a.n_obs)) / train_s,
         "train_s": train_s * epochs / run_epochs,
         "train_extrapolated": run_epochs < epochs,
         "peak_rss_mb_after": peak_rss_mb(),
@@ -357,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if ours["train_extrapolated"]
                 else ""
             )
-            + f" + balance {ours['balance_s']:.0f} s + embed {ours['embed_s']:.0f} s ({n} workers)",
+            + f" + balance {ours['balance_s']:.0f} s + embed {ours['embed_s']:.0f} s ({n} workers);"
+            + f" {ours['cells_per_s']:.0f} cells/s; default: {ours['default_schedule_text']}",
             flush=True,
         )
         row: dict[str, Any] = {"config": label, "scfedvi": ours}
@@ -371,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if ref["train_extrapolated"]
                     else ""
                 )
-                + f" ({n} threads)",
+                + f" ({n} threads); {ref['cells_per_s']:.0f} cells/s",
                 flush=True,
             )
             row["scvi"] = ref
