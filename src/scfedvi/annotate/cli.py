@@ -38,8 +38,18 @@ def add_annotate_parser(sub) -> None:
         default="Unknown",
         help="label value of unlabelled cells (default: Unknown)",
     )
-    a.add_argument("--rounds", type=int, default=None, help="scANVI rounds (default: 5)")
-    a.add_argument("--local-epochs", type=int, default=None, help="epochs per round (default: 2)")
+    from scfedvi.annotate.model import AnnotateConfig
+
+    d = AnnotateConfig()
+    a.add_argument(
+        "--rounds", type=int, default=None, help=f"scANVI rounds (default: {d.n_rounds})"
+    )
+    a.add_argument(
+        "--local-epochs",
+        type=int,
+        default=None,
+        help=f"epochs per round (default: {d.local_epochs})",
+    )
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--overwrite", action="store_true", help="replace outputs in --out")
 
