@@ -273,11 +273,11 @@ def _privacy_info(model: Any, cfg: RunConfig) -> dict[str, Any]:
     """The run's DP guarantee (epsilon ``inf`` without DP) and the membership-inference
     attack on its global model (:mod:`scfedvi.benchmark.mia`)."""
     from scfedvi.benchmark.mia import membership_inference
-    from scfedvi.model import _tensors
     from scfedvi.privacy.accountant import gaussian_epsilon
+    from scfedvi.train.data import SiteTensors
 
     priv = cfg.privacy
-    sites = [(n, _tensors(sd)) for n, sd in model.site_data.items()]
+    sites = [(n, SiteTensors(sd.X, sd.batch_index)) for n, sd in model.site_data.items()]
     mia = membership_inference(
         model.params, sites, model.schema.n_genes, model.schema.n_batches, cfg
     )
