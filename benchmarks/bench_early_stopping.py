@@ -77,6 +77,7 @@ def run_one(sites, ev, spec, seed: int, early: bool) -> dict:
         "final_validation_loss": float(np.average(last["validation_loss"], weights=last["n_train"]))
         if len(last) and "n_train" in last
         else None,
+        "validation_curve": [v for _, v in model.coordinator.validation_curve()],
         "ilisi_median": lisi["batch_lisi_median"],
         "clisi_median": lisi["celltype_lisi_median"],
     }
