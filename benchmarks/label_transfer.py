@@ -46,7 +46,7 @@ import numpy as np
 
 KEYS = {"pancreas": ("donor", "cell_type"), "cortex": ("batch", "cell_class")}
 UNKNOWN = "Unknown"
-PARTS = ("transfer", "labelled-only", "scib", "query", "query-encode")
+PARTS = ("transfer", "fed", "labelled-only", "scib", "query", "query-encode")
 METHODS = {
     "transfer": ("fed-scanvi", "knn-scfedvi", "pooled-scanvi"),
     "labelled-only": ("labelled-only-scanvi",),
@@ -228,13 +228,14 @@ class Bench:
         return lvae
 
     # -- the experiments ---------------------------------------------------------------------
-    def transfer(self, hidden: str, with_scib: bool) -> None:
+    def transfer(self, hidden: str, with_scib: bool, with_pooled: bool = True) -> None:
         """fed-scanvi, knn-scfedvi, pooled-scanvi (and scib) with ``hidden``'s labels hidden."""
         from sklearn.neighbors import KNeighborsClassifier
 
         from scfedvi.annotate.site import novelty
 
-        methods = METHODS["transfer"] + (METHODS["scib"] if with_scib else ())
+        methods = METHODS["transfer"][: 3 if with_pooled else 2]
+        methods += METHODS["scib"] if with_scib else ()
         if not self.todo(hidden, methods):
             return
         sites = self.sites(hidden)
@@ -272,7 +273,7 @@ class Bench:
         t0 = time.perf_counter()
         pooled = self.pooled_adata(list(model.schema.genes))
         z_pooled = None
-        if self.todo(hidden, ("pooled-scanvi",)):  # not again for a new scANVI default
+        if with_pooled and self.todo(hidden, ("pooled-scanvi",)):  # not again for a new default
             lvae = self.scanvi(self.scvi(pooled, "all"), f"hide_{hidden}")
             at = np.flatnonzero((pooled.obs["site"] == hidden).to_numpy())
             pp = lvae.predict(indices=at)
@@ -399,8 +400,8 @@ def main(argv: list[str]) -> int:
     for seed in args.seeds:
         b = Bench(args.dataset, seed, args, meta)
         for h in list(b.parts) if args.hide == "all" else [args.hide]:
-            if "transfer" in args.parts:
-                b.transfer(h, "scib" in args.parts)
+            if "transfer" in args.parts or "fed" in args.parts:  # fed: without pooled scANVI
+                b.transfer(h, "scib" in args.parts, with_pooled="transfer" in args.parts)
             if "labelled-only" in args.parts:
                 b.labelled_only(h)
             if "query" in args.parts:
