@@ -34,7 +34,7 @@ def results(tmp_path):
         _row("fed-scanvi", 0, "s1", 0.50, {"classifier_stats": "site"}),  # an earlier default
         _row("fed-scanvi", 0, "s1", 0.90, confusion=cm),
         _row("fed-scanvi", 1, "s1", 0.80, confusion=cm),
-        _row("fed-scanvi", 1, "s1", 0.99, {**POOLED, "n_rounds": 10}),  # a variant
+        _row("fed-scanvi", 1, "s1", 0.99, {**POOLED, "n_rounds": 20}),  # a variant
         _row("pooled-scanvi", 0, "s1", 0.95),
         _row("pooled-scanvi", 1, "s1", 0.85),
         _row("knn-scfedvi", 0, "s1", 0.84),
@@ -50,7 +50,7 @@ def test_tables_and_targets_pair_runs_and_keep_the_ablation_apart(results):
     t = accuracy_table(df).set_index("method")
     assert t.loc["fed-scanvi", "accuracy"] == "0.850 (0.050)"
     assert t.loc["fed-scanvi (classifier_stats=site)", "accuracy"] == "0.500 (0.000)"
-    assert t.loc["fed-scanvi (n_rounds=10)", "accuracy"] == "0.990 (0.000)"
+    assert t.loc["fed-scanvi (n_rounds=20)", "accuracy"] == "0.990 (0.000)"
     assert t.loc["fed-scanvi", "runs"] == "2 (1 sites x 2 seeds)"
     tg = targets(df).set_index("target")
     assert tg.loc["fed-scanvi >= pooled-scanvi - 0.02", "met"] == "no"  # 0.85 vs 0.90
