@@ -61,6 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument(
+        "--default-schedule",
+        action="store_true",
+        help="each round does the local work of the default schedule for these sites "
+        "(scvi-tools' epochs for all their cells, split into the default number of rounds); "
+        "only --rounds of those rounds run (max-epochs = rounds x that work); "
+        "--local-epochs is ignored",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads",
@@ -109,10 +117,30 @@ def per_round(history: Any, seconds: list[float]) -> list[dict[str, float]]:
     return out
 
 
+def default_round_epochs(args: argparse.Namespace) -> int:
+    """Local epochs per round of the default schedule for ``--sites`` x ``--cells`` cells."""
+    from scfedvi.config import RunConfig
+    from scfedvi.federation.schedule import resolve_schedule
+
+    n_cells = {f"site-{i:02d}": args.cells for i in range(args.sites)}
+    work = resolve_schedule(RunConfig(), n_cells).work("site-00")
+    if work[0] is None:
+        raise SystemExit(f"the default schedule trains {work[1]} steps a round, not epochs")
+    return int(work[0])
+
+
 def run_config(args: argparse.Namespace):
     from scfedvi.config import FederationConfig, RunConfig, TrainConfig
 
     fed = FederationConfig(n_rounds=args.rounds, min_sites=args.sites, seed=args.seed)
+    if args.default_schedule:  # the default schedule's per-round work, for --rounds rounds
+        fed = FederationConfig(
+            n_rounds=args.rounds,
+            min_sites=args.sites,
+            seed=args.seed,
+            max_epochs=args.rounds * default_round_epochs(args),
+        )
+        return RunConfig(federation=fed)
     return RunConfig(train=TrainConfig(local_epochs=args.local_epochs), federation=fed)
 
 
@@ -238,13 +266,16 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
             time.sleep(0.2)
         rc = {
             "num-server-rounds": args.rounds,
-            "local-epochs": args.local_epochs,
             "seed": args.seed,
             "min-sites": args.sites,
             "num-sites": args.sites,
             "n-top-genes": 0,
             "out-dir": str(out),
         }
+        if args.default_schedule:
+            rc["max-epochs"] = args.rounds * default_round_epochs(args)
+        else:
+            rc["local-epochs"] = args.local_epochs
         overrides = " ".join(
             f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in rc.items()
         )
