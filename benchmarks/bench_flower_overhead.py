@@ -20,7 +20,11 @@ on one machine here; in a real deployment each site has its own).
 Usage::
 
     nice -n 10 .venv/bin/python benchmarks/bench_flower_overhead.py [--sites 3] [--rounds 3] \
-        [--cells-per-site 100000 --genes 2000]
+        [--cells-per-site 100000 --genes 2000] [--default-schedule --jobs 3]
+
+``--default-schedule``: each round does the local work of the default schedule for these sites
+(for 3 x 100,000 cells, 1 local epoch), and ``--rounds`` of its rounds run: a bounded run at
+the full schedule's per-round cost.
 
 Writes ``benchmark-out/bench_flower_overhead.json`` (``--out``) with the command, versions,
 seeds and every figure printed. Every process it starts is stopped by its PID.
