@@ -180,3 +180,7 @@ def test_parallel_jobs_give_the_same_results(tmp_path, own_h5ad):
     par, seq = read_results(tmp_path / "par"), read_results(tmp_path / "seq")
     cols = ["batch_lisi_mean", "celltype_lisi_mean", "celltype_lisi_sd"]
     assert len(par) == 4 and par[cols].round(6).equals(seq[cols].round(6))
+    # pooled methods do not depend on the partition: one UMAP figure, at the fewest sites
+    assert [f.name for f in (tmp_path / "par" / "figures").glob("umap_*")] == [
+        "umap_own_2sites.png"
+    ]

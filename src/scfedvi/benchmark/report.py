@@ -94,6 +94,8 @@ def _figures(run: BenchmarkRun, settings: BenchmarkSettings, fig_dir: Path) -> l
             for m in settings.methods
             if METHODS[m].label in coords and (METHODS[m].kind != "pooled" or n == first_n)
         ]
+        if not order:  # only pooled methods, drawn in the data set's first figure
+            continue
         path = fig_dir / f"umap_{ds}_{n}sites.png"
         plot_umaps(
             {k: coords[k] for k in order},
