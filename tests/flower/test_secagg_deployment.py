@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flower_harness import wait_result
-from flower_sites import SITES, flower_run_config, start_sites
+from flower_sites import SITES, flower_run_config, reference, start_sites
 
 from scfedvi.flower.settings import write_app_dir
 from scfedvi.model import ScFedVI
@@ -27,7 +27,12 @@ pytestmark = pytest.mark.flower
 CLIP = 100.0
 
 
-def test_secure_aggregation_deployment(cluster, site_files, in_process, tmp_path):
+#: One secure round is four message exchanges (keys and counts, shares, masked vectors,
+#: unmasking); one round shows them all, and the in-process reference runs as many.
+ROUNDS = 1
+
+
+def test_secure_aggregation_deployment(cluster, site_files, tmp_path):
     out = tmp_path / "server-out"
     payloads = tmp_path / "payloads.jsonl"
     cluster.start_superlink()
@@ -39,15 +44,17 @@ def test_secure_aggregation_deployment(cluster, site_files, in_process, tmp_path
         "clip-norm": CLIP,
         "clip-at": "site",
         "expected-sites": len(SITES),
+        "num-server-rounds": ROUNDS,
     }
     run_id = cluster.run_app(app_dir, flower_run_config(out, **extra))
     result = wait_result(cluster, out, run_id, timeout=900)  # 4 exchanges a round
     assert result["status"] == "completed", f"{result}\n{cluster.logs()}"
-    assert result["rounds"] == 2 and result["sites"] == list(SITES)
+    assert result["rounds"] == ROUNDS and result["sites"] == list(SITES)
     history = pd.read_csv(out / "history.csv")
-    assert set(history["status"]) == {"ok"} and len(history) == 2 * len(SITES)
+    assert set(history["status"]) == {"ok"} and len(history) == ROUNDS * len(SITES)
 
-    _, params, _ = in_process  # the same sites and seeds, in process, without secure aggregation
+    # the same sites, seeds and rounds, in process, without secure aggregation
+    _, params, _ = reference(site_files, n_rounds=ROUNDS)
     model = ScFedVI.load(out / "model")
     assert set(model.params) == set(params)
     for k, v in params.items():
@@ -58,7 +65,7 @@ def test_secure_aggregation_deployment(cluster, site_files, in_process, tmp_path
     length = vector_length(params, model.schema.n_batches)
     train = [r for r in replies if r["type"] == "train"]
     secagg = [r for r in replies if r["type"] == "query.secagg"]
-    assert len(train) == 2 * len(SITES) and len(secagg) == 3 * 2 * len(SITES)
+    assert len(train) == ROUNDS * len(SITES) and len(secagg) == 3 * ROUNDS * len(SITES)
     for r in train:  # keys, counts, metrics: no array
         assert {rec["kind"] for rec in r["records"].values()} <= {"config", "metric"}, r
     masked = 0
@@ -69,4 +76,4 @@ def test_secure_aggregation_deployment(cluster, site_files, in_process, tmp_path
             assert r["type"] == "query.secagg" and name == "secagg-arrays", (r["type"], name)
             assert rec["items"] == {"masked": {"dtype": "uint32", "shape": [length]}}
             masked += 1
-    assert masked == 2 * len(SITES)
+    assert masked == ROUNDS * len(SITES)
