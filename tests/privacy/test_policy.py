@@ -3,13 +3,11 @@ through the Flower handlers (called directly, no processes) as in process."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.app.metadata import Metadata
+from flwr.app import ConfigRecord, Context, RecordDict
 
+from handler_messages import handler_message
 from scfedvi._constants import SCHEMA_HASH
 from scfedvi.config import FederationConfig, ModelConfig, RunConfig, SitePolicy, TrainConfig
 from scfedvi.data.errors import SiteDataError
@@ -180,19 +178,7 @@ def test_in_process_policy_per_site_and_label_keys():
 
 
 # -- the Flower handlers: the same checks, called as the ClientApp calls them ----------------
-def _message(content: dict, message_type: str, run_id: int = 7) -> Message:
-    md = Metadata(
-        run_id=run_id,
-        message_id=f"m{time.monotonic_ns()}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
-    return Message(content=RecordDict(content), metadata=md)
+_message = handler_message
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.app.metadata import Metadata
+from flwr.app import ConfigRecord, Context, RecordDict
 
+from handler_messages import handler_message
 from scfedvi import ScFedVI
 from scfedvi._constants import SCHEMA_HASH
 from scfedvi.config import FederationConfig, PrivacyConfig, RunConfig, SitePolicy, TrainConfig
@@ -167,19 +167,7 @@ def test_the_sites_closed_form_epsilon_is_the_accountants(adjacency):
 
 
 # -- the Flower handlers: the same ledger, in the site's state-dir ----------------------------
-def _message(content: dict, message_type: str, run_id: int) -> Message:
-    md = Metadata(
-        run_id=run_id,
-        message_id=f"m{time.monotonic_ns()}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
-    return Message(content=RecordDict(content), metadata=md)
+_message = handler_message
 
 
 def _context(node_config: dict, run_id: int, **run: object) -> Context:
