@@ -156,7 +156,7 @@ def to_scvi(model: ScFedVI, adata: ad.AnnData, *, site: str = "export") -> Any:
         The configuration or the parameters have no scvi-tools equivalent.
     """
     scvi = _import_scvi()
-    model._require_trained()
+    model.require_trained()
     kwargs = scvi_module_kwargs(model.config.model)
     schema = model.schema
     sd = _project(model, adata, site)

@@ -299,7 +299,7 @@ class ScFedVI:
         has them from its directory. Empty when the configuration turns balancing off
         (``FederationConfig.balance_clusters``).
         """
-        self._require_trained()
+        self.require_trained()
         if self._balance is None:
             self._balance = self._balance_in_process() if self.config.balance_clusters else []
         return self._balance
@@ -353,7 +353,7 @@ class ScFedVI:
         """
         from scfedvi.federation.site import SiteWorker
 
-        self._require_trained()
+        self.require_trained()
         if adata is None:
             if site not in self.sites:
                 raise KeyError(f"unknown site {site!r}; sites: {sorted(self.sites)}")
@@ -381,7 +381,7 @@ class ScFedVI:
         """Write the global model, schema, configuration and history to ``directory``."""
         from scfedvi._saved import save_model_dir
 
-        self._require_trained()
+        self.require_trained()
         assert self.params is not None
         meta = {
             "layer": self.layer,
@@ -422,10 +422,11 @@ class ScFedVI:
         """Export to an ``scvi.model.SCVI`` set up on ``adata`` (needs scvi-tools)."""
         from scfedvi.export import to_scvi
 
-        self._require_trained()
+        self.require_trained()
         return to_scvi(self, adata)
 
-    def _require_trained(self) -> None:
+    def require_trained(self) -> None:
+        """Raise ``RuntimeError`` unless the model has parameters (trained or loaded)."""
         if self.params is None:
             raise RuntimeError("the model is not trained yet: call .train() or ScFedVI.load(dir)")
 
