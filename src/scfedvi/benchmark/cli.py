@@ -11,6 +11,7 @@ import argparse
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from scfedvi.benchmark.methods import DEFAULT_METHODS, METHODS
@@ -32,6 +33,10 @@ examples:
   scfedvi benchmark my.h5ad --batch-key lab --label-key cell_type --clients 2,4 --out bench-mine
   scfedvi benchmark my.h5ad --layer counts --batch-key lab --label-key cell_type --out bench-mine
   scfedvi benchmark pancreas --partition sites.json --out bench-custom   # {{site: [batch values]}}
+
+label transfer (federated scANVI; each site's labels hidden in turn, its own resumable script):
+  python benchmarks/label_transfer.py pancreas --out-dir benchmark-out/paper/label_transfer
+  scfedvi benchmark pancreas --clients 3 --out benchmark-out/paper   # reads OUT/label_transfer
 """
 
 
@@ -92,6 +97,13 @@ def add_benchmark_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-scib", action="store_true", help="skip the scIB metrics (LISI only)")
     p.add_argument(
+        "--label-transfer",
+        metavar="DIR",
+        help="add the label-transfer section (federated scANVI, each site's labels hidden in "
+        "turn) from the results benchmarks/label_transfer.py wrote in DIR (default: "
+        "OUT/label_transfer when it holds results.jsonl)",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="compute nothing: write the report from what OUT/cache already holds",
@@ -146,9 +158,17 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     settings = settings_from_args(args)
+    label_transfer = label_transfer_dir(args)  # a wrong --label-transfer fails before the run
     run = run_benchmark(settings, args.out, jobs=args.jobs, compute=not args.report_only)
     command = command_line(args)
-    files = write_report(run, settings, args.out, command=command, seconds=time.perf_counter() - t0)
+    files = write_report(
+        run,
+        settings,
+        args.out,
+        command=command,
+        seconds=time.perf_counter() - t0,
+        label_transfer=label_transfer,
+    )
     res, labels = run.results, [METHODS[m].label for m in settings.methods]
     for ds in dict.fromkeys(res["dataset"]) if not res.empty else []:
         for metric in ("batch", "celltype"):
@@ -169,6 +189,22 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def label_transfer_dir(args: argparse.Namespace) -> Path | None:
+    """The label-transfer results the report reads: ``--label-transfer DIR`` (an error when it
+    holds none), else ``OUT/label_transfer`` when it holds ``results.jsonl``, else None."""
+    if getattr(args, "label_transfer", None):
+        d = Path(args.label_transfer)
+        if not (d / "results.jsonl").is_file():
+            raise ValueError(
+                f"--label-transfer {d}: no results.jsonl there; write it with "
+                f"'python benchmarks/label_transfer.py DATASET --out-dir {d}' or leave the "
+                "option out"
+            )
+        return d
+    d = Path(args.out) / "label_transfer"
+    return d if (d / "results.jsonl").is_file() else None
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The exact ``scfedvi benchmark`` command of parsed arguments, every option spelled out."""
     parts = ["scfedvi", "benchmark", args.dataset]
@@ -180,6 +216,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--out", str(args.out), "--jobs", str(args.jobs)]
     if args.n_top_genes is not None:
         parts += ["--n-top-genes", str(args.n_top_genes)]
+    if getattr(args, "label_transfer", None):
+        parts += ["--label-transfer", str(args.label_transfer)]
     parts += [
         f
         for f, on in (

@@ -180,10 +180,43 @@ def _timing(results: pd.DataFrame, cache_root: Path, since: float) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def _label_transfer_blocks(
+    results: Path | None, settings: BenchmarkSettings, fig_dir: Path
+) -> list[Block]:
+    """The label-transfer section (:mod:`scfedvi.report.label_transfer`) for this report's
+    data sets, read from ``benchmarks/label_transfer.py``'s results; nothing without them."""
+    if results is None:
+        return []
+    from scfedvi.report.label_transfer import label_transfer_blocks
+
+    names = [s.name for s in settings.datasets]
+    return label_transfer_blocks(results, fig_dir, datasets=names)
+
+
+def with_section(blocks: list[Block], section: list[Block]) -> list[Block]:
+    """``section`` inserted before the figures (or the configuration), else at the end."""
+    ends = ("Figures", "Configuration")
+    at = next((i for i, x in enumerate(blocks) if x[0] == "h2" and x[1] in ends), len(blocks))
+    return blocks[:at] + section + blocks[at:]
+
+
 def build_blocks(
+    run: BenchmarkRun,
+    settings: BenchmarkSettings,
+    out: Path,
+    command: str,
+    seconds: float,
+    label_transfer: Path | None = None,
+) -> list[Block]:
+    """Every section of the report, as blocks; ``label_transfer``: the directory of
+    ``benchmarks/label_transfer.py``'s results to add as a section (None: no section)."""
+    transfer = _label_transfer_blocks(label_transfer, settings, out / "figures")
+    return with_section(_blocks(run, settings, out, command, seconds), transfer)
+
+
+def _blocks(
     run: BenchmarkRun, settings: BenchmarkSettings, out: Path, command: str, seconds: float
 ) -> list[Block]:
-    """Every section of the report, as blocks."""
     res, labels = run.results, [METHODS[m].label for m in settings.methods]
     b: list[Block] = [("h1", "scfedvi benchmark"), ("pre", command)]
     b.append(
@@ -409,8 +442,11 @@ def write_report(
     *,
     command: str,
     seconds: float,
+    label_transfer: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
-    """Write results.csv, curves.csv, histories.csv, figures/, report.md and report.html."""
+    """Write results.csv, curves.csv, histories.csv, figures/, report.md and report.html;
+    with ``label_transfer`` (a directory of ``benchmarks/label_transfer.py``'s results), its
+    section for this report's data sets too."""
     from scfedvi.report.html import to_html
     from scfedvi.report.markdown import to_markdown
 
@@ -432,7 +468,8 @@ def write_report(
             for k, h in run.histories.items()
         ]
         pd.concat(frames, ignore_index=True).to_csv(files["histories"], index=False)
-    blocks = build_blocks(run, settings, d, command, seconds)
+    lt = None if label_transfer is None else Path(label_transfer)
+    blocks = build_blocks(run, settings, d, command, seconds, label_transfer=lt)
     files["report_md"].write_text(to_markdown(blocks, d))
     files["report_html"].write_text(to_html(blocks, "scfedvi benchmark"))
     meta = {

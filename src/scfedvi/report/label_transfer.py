@@ -106,7 +106,12 @@ def _paired(df: pd.DataFrame, ds: str, a: str, b: str) -> pd.DataFrame:
 def targets(df: pd.DataFrame) -> pd.DataFrame:
     """The issue's targets on paired runs: federated scANVI >= pooled scANVI - 0.02 and > kNN
     on the scFedVI embedding (means over hidden sites and seeds); a new site with the frozen
-    model >= the same site in training - 0.03."""
+    model >= the same site in training - 0.03.
+
+    ``sd`` is the standard deviation of the paired differences (ddof 1), ``higher / lower``
+    counts the runs where the first method was above / below the second: a mean difference
+    within about ``2 sd / sqrt(runs)`` of the margin is not told apart from it by these runs.
+    """
     rows = []
     for ds in dict.fromkeys(df["dataset"]):
         for other, margin, mine in (
@@ -118,6 +123,7 @@ def targets(df: pd.DataFrame) -> pd.DataFrame:
             if p.empty:
                 continue
             a, b = float(p[mine].mean()), float(p[other].mean())
+            d = p[mine] - p[other]
             ok = a >= b + margin if margin else a > b
             rows.append(
                 {
@@ -126,11 +132,40 @@ def targets(df: pd.DataFrame) -> pd.DataFrame:
                     + (f" - {-margin:.2f}" if margin else ""),
                     "mean accuracy": f"{a:.3f} vs {b:.3f}",
                     "difference": f"{a - b:+.3f}",
+                    "sd": f"{d.std(ddof=1):.3f}" if len(p) > 1 else "–",
+                    "higher / lower": f"{int((d > 0).sum())} / {int((d < 0).sum())}",
                     "runs": len(p),
                     "met": "yes" if ok else "no",
                 }
             )
     return pd.DataFrame(rows)
+
+
+def site_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy per data set and hidden site (over seeds) of the default methods, with
+    the seeds each mean covers: where a difference between methods comes from."""
+    acc = df[df["method"].isin(METHODS) & df["accuracy"].notna()] if "accuracy" in df else df
+    if acc.empty:
+        return pd.DataFrame()
+    g = acc.groupby(["dataset", "hidden", "method"], sort=False)["accuracy"]
+    t = g.mean().map("{:.3f}".format) + " (" + g.size().astype(str) + ")"
+    out = t.unstack("method")
+    out = out[[m for m in METHODS if m in out]].fillna("–").reset_index()
+    return out.rename(columns={"dataset": "data set"})
+
+
+def flag_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Share of the hidden site's cells that federated scANVI (defaults) would report as the
+    unlabelled category, mean over seeds: top probability under the confidence threshold
+    (``low_confidence``) and far from the label's centroid (``novel``). Every cell there has a
+    label some other site holds, so these are false alarms."""
+    cols = [c for c in ("low_confidence", "novel") if c in df]
+    r = df[df["method"] == "fed-scanvi"]
+    if not cols or r.empty:
+        return pd.DataFrame()
+    out = r.groupby(["dataset", "hidden"], sort=False)[cols].mean().round(3)
+    out["seeds"] = r.groupby(["dataset", "hidden"], sort=False).size()
+    return out.reset_index().rename(columns={"dataset": "data set"})
 
 
 def scib_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -191,26 +226,67 @@ def plot_confusion(
     return str(path)
 
 
-def label_transfer_blocks(results: str | os.PathLike, fig_dir: str | os.PathLike) -> list[Block]:
-    """The label-transfer section as report blocks (tables, targets, confusion figures)."""
+def label_transfer_blocks(
+    results: str | os.PathLike,
+    fig_dir: str | os.PathLike,
+    datasets: list[str] | None = None,
+) -> list[Block]:
+    """The label-transfer section as report blocks (tables, targets, confusion figures).
+
+    ``datasets``: only these data sets' rows (another report's data sets); a paragraph says
+    so when the results hold none of them.
+    """
     df = load_results(results)
-    meta = df.iloc[-1]
     b: list[Block] = [("h2", "Label transfer (federated scANVI)")]
+    if datasets is not None:
+        df = df[df["dataset"].isin(datasets)].reset_index(drop=True)
+        if df.empty:
+            msg = (
+                f"{results} holds no label-transfer results for {', '.join(datasets)}: run "
+                f"benchmarks/label_transfer.py DATASET --out-dir {results} first."
+            )
+            return [*b, ("p", msg)]
+    meta = df.iloc[-1]
+    pooled_epochs = (
+        sorted({int(e) for e in df["scanvi_epochs"].dropna()}) if "scanvi_epochs" in df else []
+    )
+    pooled_note = (
+        f"its default, {', '.join(map(str, pooled_epochs))} epochs here"
+        if pooled_epochs
+        else "its default epochs"
+    )
     b.append(
         (
             "p",
             "Each site's labels hidden in turn; accuracy and macro-F1 at that site, mean (sd) "
-            f"over hidden sites and seeds. scVI epochs {meta['epochs']}, scANVI epochs "
-            f"{meta['anvi_epochs']}; versions {meta['versions']}.",
+            f"over hidden sites and seeds. scVI epochs {meta['epochs']} (scFedVI and "
+            f"scvi-tools'); federated scANVI epochs {meta['anvi_epochs']} (rounds x local "
+            f"epochs); scvi-tools' scANVI: {pooled_note}; versions {meta['versions']}. "
+            "Methods: fed-scanvi (federated scANVI, scfedvi.annotate), pooled-scanvi "
+            "(scvi-tools on the pooled cells, the hidden site unlabelled), "
+            "labelled-only-scanvi (scvi-tools on the labelled sites only, the hidden site "
+            "mapped as a query), knn-scfedvi (15 nearest neighbours on the scFedVI embedding, "
+            "the labelled sites' cells as reference), new-site-frozen (the site held out of "
+            "training, predicted with the saved model). A method with settings in brackets "
+            "is a variant of the defaults (an ablation).",
         )
     )
     b.append(("table", accuracy_table(df), "Accuracy at the site whose labels were hidden"))
     t = targets(df)
     if not t.empty:
         b.append(("table", t, "Targets (paired runs: same seed and hidden site)"))
+    sites = site_table(df)
+    if not sites.empty:
+        b.append(("table", sites, "Accuracy per hidden site, mean over seeds (seeds)"))
+    flags = flag_table(df)
+    if not flags.empty:
+        b.append(("table", flags, "Cells reported unlabelled at the hidden site (false alarms)"))
     s = scib_table(df)
     if not s.empty:
         b.append(("table", s, "scIB (fast set, true labels) of the latent spaces"))
+    if "command" in df:
+        b.append(("p", "The commands that wrote these rows:"))
+        b.append(("pre", "\n".join(dict.fromkeys(df["command"].dropna().astype(str)))))
     Path(fig_dir).mkdir(parents=True, exist_ok=True)
     for ds in dict.fromkeys(df["dataset"]):
         png = plot_confusion(df, ds, Path(fig_dir) / f"confusion_{ds}.png")
