@@ -12,6 +12,7 @@ from scfedvi.report.label_transfer import (
     flag_table,
     label_transfer_blocks,
     load_results,
+    recall_table,
     site_table,
     targets,
 )
@@ -46,8 +47,9 @@ def lt_dir(tmp_path):
     for seed in (0, 1):
         for site, fed, knn in (("s1", 0.90, 0.80), ("s2", 0.70, 0.76)):
             flags = {"low_confidence": 0.1 * (seed + 1), "novel": 0.02, "confusion": CM}
+            flags["recall"] = {"A": 0.9 + seed / 10, "B": 0.8}
             rows.append(_row("cortex", "fed-scanvi", seed, site, fed + seed / 100, **flags))
-            rows.append(_row("cortex", "knn-scfedvi", seed, site, knn))
+            rows.append(_row("cortex", "knn-scfedvi", seed, site, knn, recall={"A": 0.7}))
             rows.append(_row("cortex", "pooled-scanvi", seed, site, 0.81, scanvi_epochs=10))
             rows.append(_row("cortex", "labelled-only-scanvi", seed, site, 0.6, scanvi_epochs=10))
         rows.append(_row("cortex", "new-site-frozen", seed, "s1", 0.88))
@@ -65,6 +67,9 @@ def test_site_flag_and_target_tables(lt_dir):
     assert sites.loc[("cortex", "s2"), "knn-scfedvi"] == "0.760 (2)"
     assert sites.loc[("cortex", "s2"), "new-site-frozen"] == "–"
     assert sites.loc[("cortex", "s1"), "labelled-only-scanvi"] == "0.600 (2)"
+    recall = recall_table(df).set_index(["data set", "hidden", "label"])
+    assert recall.loc[("cortex", "s1", "A"), "fed-scanvi"] == pytest.approx(0.95)
+    assert recall.loc[("cortex", "s1", "A"), "knn-scfedvi"] == pytest.approx(0.7)
     flags = flag_table(df).set_index(["data set", "hidden"])
     assert flags.loc[("cortex", "s1"), "low_confidence"] == pytest.approx(0.15)
     assert flags.loc[("cortex", "s1"), "seeds"] == 2

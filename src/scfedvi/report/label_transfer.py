@@ -154,6 +154,25 @@ def site_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.rename(columns={"dataset": "data set"})
 
 
+def recall_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Recall of each true label at each hidden site, mean over seeds, per default method
+    (the fraction of that label's cells predicted as it): which labels a gap comes from."""
+    if "recall" not in df:
+        return pd.DataFrame()
+    r = df[df["method"].isin(METHODS[:-1]) & df["recall"].notna()]
+    rows = [
+        {"data set": x["dataset"], "hidden": x["hidden"], "label": t, "method": x["method"], "r": v}
+        for _, x in r.iterrows()
+        for t, v in x["recall"].items()
+    ]
+    if not rows:
+        return pd.DataFrame()
+    t = pd.DataFrame(rows).pivot_table(
+        index=["data set", "hidden", "label"], columns="method", values="r", aggfunc="mean"
+    )
+    return t[[m for m in METHODS if m in t]].round(3).reset_index()
+
+
 def flag_table(df: pd.DataFrame) -> pd.DataFrame:
     """Share of the hidden site's cells that federated scANVI (defaults) would report as the
     unlabelled category, mean over seeds: top probability under the confidence threshold
@@ -278,6 +297,9 @@ def label_transfer_blocks(
     sites = site_table(df)
     if not sites.empty:
         b.append(("table", sites, "Accuracy per hidden site, mean over seeds (seeds)"))
+    recall = recall_table(df)
+    if not recall.empty:
+        b.append(("table", recall, "Recall per true label at the hidden site, mean over seeds"))
     flags = flag_table(df)
     if not flags.empty:
         b.append(("table", flags, "Cells reported unlabelled at the hidden site (false alarms)"))
