@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dp-clip: Gaussian noise multiplier (default: 1.0)",
     )
     a.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="sum the sites' updates under secure aggregation (docs/privacy.md): needs "
+        "--dp-clip C (each site clips its own update; --dp-noise 0 for no noise) and at least "
+        "3 sites; in process the sites' identity keys are made in memory",
+    )
+    a.add_argument(
         "--batch-size",
         type=int,
         default=_RUN.train.batch_size,
@@ -223,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     from scfedvi.benchmark.cli import add_benchmark_parser
 
     add_benchmark_parser(sub)
+
+    kg = sub.add_parser(
+        "secagg-keygen",
+        help="make a site's identity key for secure aggregation (NAME.key, NAME.pub)",
+        description="Write DIR/NAME.key (the site's Ed25519 identity key, mode 0600: keep it at "
+        "the site) and DIR/NAME.pub (its public key: the line the consortium's roster lists "
+        "for the site). With --roster, add or replace the site's entry in that roster file.",
+    )
+    kg.add_argument("--site", required=True, help="the site's name (as in its node config)")
+    kg.add_argument("--out", required=True, metavar="DIR", help="folder to write the keys to")
+    kg.add_argument("--roster", metavar="FILE", help="roster file (TOML) to add the site to")
+    kg.add_argument("--overwrite", action="store_true", help="replace an existing key")
 
     fl = sub.add_parser(
         "flower",
@@ -263,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_malloc()
 
     try:
-        return int(getattr(commands, args.command)(args) or 0)
+        return int(getattr(commands, args.command.replace("-", "_"))(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

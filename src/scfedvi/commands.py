@@ -99,15 +99,10 @@ def train(args: argparse.Namespace) -> int:
         device=args.device or cfg.train.device,
     )
     cfg = replace(cfg, federation=fed, train=tr)
-    if args.dp_clip is not None:
+    if args.dp_clip is not None or getattr(args, "secure_aggregation", False):
         one = sites.get("__one__")
         n_sites = len(sites) if one is None else int(one.obs[args.split_key].nunique())
-        cfg = replace(
-            cfg,
-            privacy=PrivacyConfig(
-                clip_norm=args.dp_clip, noise_multiplier=args.dp_noise, expected_sites=n_sites
-            ),
-        )
+        cfg = replace(cfg, privacy=_privacy(args, n_sites))
     if "__one__" in sites:
         model = ScFedVI.from_sites(
             sites["__one__"],
@@ -151,6 +146,49 @@ def train(args: argparse.Namespace) -> int:
         model.sites[name].write_h5ad(target)
     print(
         f"wrote {out}/model (global model, schema.json), {len(targets)} site embeddings and history.csv"
+    )
+    return 0
+
+
+def _privacy(args: argparse.Namespace, n_sites: int) -> PrivacyConfig:
+    """``--dp-clip``/``--dp-noise``, and ``--secure-aggregation`` with its requirements."""
+    if not getattr(args, "secure_aggregation", False):
+        return PrivacyConfig(
+            clip_norm=args.dp_clip, noise_multiplier=args.dp_noise, expected_sites=n_sites
+        )
+    if args.dp_clip is None:
+        raise ValueError(
+            "--secure-aggregation needs --dp-clip C: each site clips its update to L2 norm C "
+            "(the bound fixes the masked sum's range); add --dp-noise 0 for no DP noise"
+        )
+    if n_sites < 3:
+        raise ValueError(
+            f"--secure-aggregation needs at least 3 sites, got {n_sites}: with 2, the sum and "
+            "one site's own update give the other's away"
+        )
+    return PrivacyConfig(
+        clip_norm=args.dp_clip,
+        noise_multiplier=args.dp_noise,
+        expected_sites=n_sites,
+        clip_at="site",
+        secure_aggregation=True,
+    )
+
+
+def secagg_keygen(args: argparse.Namespace) -> int:
+    from scfedvi.privacy.identity import keygen, write_roster
+
+    key, pub = keygen(args.site, args.out, overwrite=args.overwrite)
+    line = pub.read_text(encoding="utf-8").split()[0]
+    print(f"wrote {key} (mode 0600: the site's secret, keep it at the site) and {pub}")
+    if args.roster:
+        write_roster(args.roster, {args.site: line})
+        print(f"added {args.site!r} to the roster {args.roster}")
+    else:
+        print(f'roster entry (under [sites]):  "{args.site}" = "{line}"')
+    print(
+        "the site's node config: "
+        f"secagg-identity-key='{key.resolve()}' secagg-roster='<the consortium roster>'"
     )
     return 0
 

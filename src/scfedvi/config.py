@@ -391,6 +391,15 @@ class SitePolicy:
         ``True``: the site trains only under secure aggregation
         (``PrivacyConfig.secure_aggregation``) and never sends an unmasked update. Default
         ``False``.
+    secagg_identity_key
+        Path of the site's long-term Ed25519 identity key (``scfedvi secagg-keygen``; mode
+        0600), with which it signs its secure-aggregation keys and the survivor set. Default
+        ``""``: none; a Flower site then refuses secure aggregation, and in process every site
+        gets a key made in memory (:mod:`scfedvi.privacy.identity`).
+    secagg_roster
+        Path of the consortium's roster (TOML ``[sites]``: site name -> public identity key),
+        distributed out of band: the only sites whose keys this site accepts in secure
+        aggregation. Default ``""``; needed with ``secagg_identity_key``.
     max_runs
         Most runs (Flower run ids; in process, training runs of a ``ScFedVI`` with a
         ``ledger_dir``) a site answers on one data file, counted in its persistent run ledger
@@ -440,6 +449,8 @@ class SitePolicy:
     max_clip_norm: float | None = None
     min_secagg_sites: int = 3
     require_secure_aggregation: bool = False
+    secagg_identity_key: str = ""
+    secagg_roster: str = ""
     max_runs: int = 3
     run_window_days: float | None = None
     max_total_epsilon: float | None = None
@@ -457,6 +468,11 @@ class SitePolicy:
         if not 0 < self.epsilon_delta < 1:
             raise ValueError(
                 f"SitePolicy.epsilon_delta must be in (0, 1), got {self.epsilon_delta}"
+            )
+        if bool(self.secagg_identity_key) != bool(self.secagg_roster):
+            raise ValueError(
+                "SitePolicy.secagg_identity_key and secagg_roster go together (the key signs, "
+                "the roster says whose signatures to accept); set both or neither"
             )
         _check_choice(
             "SitePolicy.epsilon_adjacency", self.epsilon_adjacency, ("add-remove", "replace-one")

@@ -1,9 +1,11 @@
 """Secure aggregation on the deployment engine: SuperLink + three SuperNodes on loopback.
 
-The run's final model equals the in-process run without secure aggregation within the
-quantization error, and the server's payload log shows that no reply carried an unmasked
-parameter array: training replies carry keys, counts and metrics only, and the one array a
-site sends is its masked ``uint32`` vector.
+Each site has its identity key and the consortium's roster (``scfedvi secagg-keygen``, node
+config ``secagg-identity-key`` and ``secagg-roster``). The run's final model equals the
+in-process run without secure aggregation within the quantization error, and the server's
+payload log shows that no reply carried an unmasked parameter array: training replies carry
+signed keys, counts and metrics only, and the one array a site sends is its masked ``uint32``
+vector.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from flower_harness import wait_result
-from flower_sites import SITES, flower_run_config, reference, start_sites
+from flower_sites import SITES, flower_run_config, reference
 
 from scfedvi.flower.settings import write_app_dir
 from scfedvi.model import ScFedVI
+from scfedvi.privacy.identity import keygen, write_roster
 from scfedvi.privacy.secagg import vector_length
 
 pytestmark = pytest.mark.flower
@@ -27,8 +30,9 @@ pytestmark = pytest.mark.flower
 CLIP = 100.0
 
 
-#: One secure round is four message exchanges (keys and counts, shares, masked vectors,
-#: unmasking); one round shows them all, and the in-process reference runs as many.
+#: One secure round is five message exchanges (signed keys and counts, shares, masked vectors,
+#: signed survivor set, unmasking); one round shows them all, and the in-process reference
+#: runs as many.
 ROUNDS = 1
 
 
@@ -36,7 +40,14 @@ def test_secure_aggregation_deployment(cluster, site_files, tmp_path):
     out = tmp_path / "server-out"
     payloads = tmp_path / "payloads.jsonl"
     cluster.start_superlink()
-    start_sites(cluster, site_files)
+    roster = tmp_path / "roster.toml"
+    keys = {}
+    for site in SITES:  # each site's identity key, and the roster every site holds
+        keys[site], pub = keygen(site, tmp_path / "keys" / site)
+        write_roster(roster, {site: pub.read_text().split()[0]})
+    for site in SITES:
+        ident = {"secagg-identity-key": str(keys[site]), "secagg-roster": str(roster)}
+        cluster.start_supernode(site, site_files.paths[site], **ident)
     app_dir = write_app_dir(tmp_path / "app")
     extra = {
         "payload-log": str(payloads),
@@ -47,7 +58,7 @@ def test_secure_aggregation_deployment(cluster, site_files, tmp_path):
         "num-server-rounds": ROUNDS,
     }
     run_id = cluster.run_app(app_dir, flower_run_config(out, **extra))
-    result = wait_result(cluster, out, run_id, timeout=900)  # 4 exchanges a round
+    result = wait_result(cluster, out, run_id, timeout=900)  # 5 exchanges a round
     assert result["status"] == "completed", f"{result}\n{cluster.logs()}"
     assert result["rounds"] == ROUNDS and result["sites"] == list(SITES)
     history = pd.read_csv(out / "history.csv")
@@ -65,8 +76,8 @@ def test_secure_aggregation_deployment(cluster, site_files, tmp_path):
     length = vector_length(params, model.schema.n_batches)
     train = [r for r in replies if r["type"] == "train"]
     secagg = [r for r in replies if r["type"] == "query.secagg"]
-    assert len(train) == ROUNDS * len(SITES) and len(secagg) == 3 * ROUNDS * len(SITES)
-    for r in train:  # keys, counts, metrics: no array
+    assert len(train) == ROUNDS * len(SITES) and len(secagg) == 4 * ROUNDS * len(SITES)
+    for r in train:  # signed keys, counts, metrics: no array
         assert {rec["kind"] for rec in r["records"].values()} <= {"config", "metric"}, r
     masked = 0
     for r in replies:

@@ -14,6 +14,7 @@ from flwr.app import RecordDict
 
 from scfedvi.config import SitePolicy
 from scfedvi.flower import secagg as fs
+from scfedvi.privacy.identity import keygen, write_roster
 from scfedvi.privacy.policy import PolicyRefusal
 from scfedvi.privacy.secagg import quantize, scale_for
 from scfedvi.privacy.secagg_protocol import secure_sum
@@ -31,16 +32,29 @@ def _message(content: RecordDict) -> Any:
     return SimpleNamespace(content=content)  # what site_stage reads of a Message
 
 
+def _nodes(tmp_path, n: int) -> dict[str, Node]:
+    """``n`` sites, each with its identity key file and the shared roster file."""
+    roster = tmp_path / "roster.toml"
+    nodes = {}
+    for i in range(n):
+        s = f"s{i}"
+        key, pub = keygen(s, tmp_path / "keys")
+        write_roster(roster, {s: pub.read_text().split()[0]})
+        policy = SitePolicy(secagg_identity_key=str(key), secagg_roster=str(roster))
+        nodes[s] = Node(s, tmp_path / s, policy)
+    return nodes
+
+
 def test_the_sum_through_records_and_state_files(tmp_path):
     rng = np.random.default_rng(0)
     salt, r, n, d = b"salt-0123456789a", 4, 4, 500
-    nodes = {f"s{i}": Node(f"s{i}", tmp_path / f"s{i}", SitePolicy()) for i in range(n)}
+    nodes = _nodes(tmp_path, n)
     ups = {s: rng.uniform(-0.2, 0.2, d) for s in nodes}
     keys = {}
     for s, node in nodes.items():  # stage 1, as site_keys_reply leaves it
         node.state_dir.mkdir()
         np.save(fs._vector_path(node, r), quantize(ups[s], 1.0, 1))
-        session = SiteSession(s, salt, r)
+        session = SiteSession(s, salt, r, fs.site_identity(node))
         fs._save_session(node, session)
         keys[s] = session.keys()
     seen: list[str] = []
@@ -62,6 +76,12 @@ def test_the_sum_through_records_and_state_files(tmp_path):
     assert seen == [fs.VECTORS] * 3  # the masked vectors, nothing else as an array
     assert not fs._vector_path(nodes["s0"], r).exists()  # the update is gone once masked
     # the session file remembers what the site revealed: "s0 dropped" is refused afterwards
-    again = fs.to_records({"survivors": ["s1", "s2", "s3"]}, "hash", r, "unmask")
-    with pytest.raises(PolicyRefusal, match="both the seed share and the key share"):
+    again = fs.to_records({"survivors": ["s1", "s2", "s3"]}, "hash", r, "consistency")
+    with pytest.raises(PolicyRefusal, match="sign the survivors while at 'unmask'"):
         fs.site_stage(_message(again), nodes["s1"])
+
+
+def test_a_flower_site_without_an_identity_key_refuses_secure_aggregation(tmp_path):
+    node = Node("lab-a", tmp_path, SitePolicy())
+    with pytest.raises(PolicyRefusal, match="secagg-keygen --site lab-a"):
+        fs.site_identity(node)

@@ -8,14 +8,17 @@ import pytest
 from scipy import stats
 
 from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig
+from scfedvi.privacy.identity import make_identities
 from scfedvi.privacy.policy import PolicyRefusal
 from scfedvi.privacy.secagg import decode_sum, encode_update, quantize, scale_for, site_weights
 from scfedvi.privacy.secagg_protocol import (
+    CONSISTENCY,
     MASKED,
     SHARES,
     UNMASK,
     SecAggError,
     secure_sum,
+    survivor_set,
     threshold_for,
 )
 from scfedvi.privacy.secagg_site import SiteSession
@@ -33,13 +36,30 @@ def _updates(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def _sessions(names, run_id=RUN, r=3) -> dict[str, SiteSession]:
+    ids = make_identities(names)
+    return {s: SiteSession(s, run_id, r, ids[s]) for s in names}
+
+
+def _roster(keys: dict, threshold: int) -> dict:
+    """The stage-2 request an honest coordinator sends for these stage-1 ``keys``."""
+    sites = sorted(keys)
+    return {
+        "sites": sites,
+        "mask_pks": [keys[s]["mask_pk"] for s in sites],
+        "enc_pks": [keys[s]["enc_pk"] for s in sites],
+        "sigs": [keys[s]["sig"] for s in sites],
+        "threshold": threshold,
+    }
+
+
 def _run(n: int, drop: dict[str, str] | None = None, seed: int = 0, threshold=None, tamper=None):
     """The protocol over ``n`` sites in this process; ``drop``: ``{site: stage}`` from which
     the site answers nothing; ``tamper(stage, payloads)`` lets a test play the coordinator."""
     drop = drop or {}
     ups = _updates(n, seed)
-    sessions = {s: SiteSession(s, RUN, 3) for s in ups}
-    order = ["keys", SHARES, MASKED, UNMASK]
+    sessions = _sessions(list(ups))
+    order = ["keys", SHARES, MASKED, CONSISTENCY, UNMASK]
 
     def gone(site, stage):
         return site in drop and order.index(drop[site]) <= order.index(stage)
@@ -57,6 +77,8 @@ def _run(n: int, drop: dict[str, str] | None = None, seed: int = 0, threshold=No
                 out[s] = sessions[s].shares(p)
             elif stage == MASKED:
                 out[s] = {"masked": sessions[s].masked(quantize(ups[s], C, 1), p)}
+            elif stage == CONSISTENCY:
+                out[s] = sessions[s].consistency(p)
             else:
                 out[s] = sessions[s].unmask(p)
         return out
@@ -88,14 +110,9 @@ def test_the_sum_equals_the_plain_sum_within_quantization_error():
 
 def test_one_masked_vector_reveals_nothing_testable():
     ups = _updates(3)
-    sessions = {s: SiteSession(s, RUN, 0) for s in ups}
+    sessions = _sessions(list(ups), r=0)
     keys = {s: sess.keys() for s, sess in sessions.items()}
-    roster = {
-        "sites": sorted(keys),
-        "mask_pks": [keys[s]["mask_pk"] for s in sorted(keys)],
-        "enc_pks": [keys[s]["enc_pk"] for s in sorted(keys)],
-        "threshold": 2,
-    }
+    roster = _roster(keys, 2)
     cts = {s: sess.shares(roster) for s, sess in sessions.items()}
     s0 = "site-0"
     inbox = {
@@ -112,24 +129,42 @@ def test_one_masked_vector_reveals_nothing_testable():
     assert stats.kstest(q.astype(np.float64) / 2**32, "uniform").pvalue < 1e-6  # unmasked: not
 
 
-@pytest.mark.parametrize("stage", [MASKED, UNMASK])
+@pytest.mark.parametrize("stage", [MASKED, CONSISTENCY, UNMASK])
 def test_a_site_dropping_after_stage_2_or_3_is_recovered(stage):
     # MASKED: the site sent shares, then no masked update (its pair masks are removed);
-    # UNMASK: it sent its masked update, then did not help unmask (the others suffice)
+    # CONSISTENCY / UNMASK: it sent its masked update, then did not sign or did not help
+    # unmask (the others suffice)
     res, ups, _ = _run(5, drop={"site-2": stage})
-    in_sum = [s for s in ups if stage == UNMASK or s != "site-2"]
+    in_sum = [s for s in ups if stage != MASKED or s != "site-2"]
     assert res.survivors == in_sum
     want = np.sum([ups[s] for s in in_sum], axis=0)
     assert np.abs(_decoded(res) - want).max() <= 5 / (2 * scale_for(C, 1)) + 1e-12
 
 
-def test_a_site_refuses_to_reveal_both_shares_of_one_site():
-    _, _, sessions = _run(3)  # every site answered: seed shares of all three were revealed
-    with pytest.raises(PolicyRefusal, match="both the seed share and the key share"):
-        sessions["site-0"].unmask({"survivors": ["site-0", "site-2"]})  # "site-1 dropped"
+def test_a_site_refuses_to_reveal_for_a_second_survivor_set():
+    asked: dict = {}
+
+    def keep(stage, payloads):
+        if stage == UNMASK:
+            asked.update(payloads)
+        return payloads
+
+    _, _, sessions = _run(3, tamper=keep)  # every site answered: seeds of all three revealed
+    # afterwards, "site-1 dropped": it would reveal site-1's key share too
+    with pytest.raises(PolicyRefusal, match="not the set it signed"):
+        sessions["site-0"].unmask({**asked["site-0"], "survivors": ["site-0", "site-2"]})
+    with pytest.raises(PolicyRefusal, match="sign the survivors while at 'unmask'"):
+        sessions["site-0"].consistency({"survivors": ["site-0", "site-2"]})
     # the same request again is answered (a retry), and reveals the same kinds
-    again = sessions["site-0"].unmask({"survivors": sorted(sessions)})
+    again = sessions["site-0"].unmask(asked["site-0"])
     assert set(again["kinds"]) == {"seed"}
+    # the rule of one kind per site holds on its own too (defence in depth)
+    # (a session whose signed set was changed, with valid signatures over the new set)
+    short = ["site-0", "site-2"]
+    sessions["site-0"].signed = short
+    sigs = [sessions[s].identity.sign(survivor_set(RUN, 3, short)) for s in short]
+    with pytest.raises(PolicyRefusal, match="both the seed share and the key share"):
+        sessions["site-0"].unmask({"survivors": short, "signers": short, "sigs": sigs})
 
 
 def test_fewer_than_three_sites_are_refused_by_the_coordinator_and_the_site():
@@ -139,14 +174,9 @@ def test_fewer_than_three_sites_are_refused_by_the_coordinator_and_the_site():
     def lift(stage, payloads):  # a coordinator that skips its own check still meets the site's
         return payloads
 
-    sessions = {s: SiteSession(s, RUN, 0) for s in ("a", "b")}
+    sessions = _sessions(["a", "b"], r=0)
     keys = {s: x.keys() for s, x in sessions.items()}
-    roster = {
-        "sites": ["a", "b"],
-        "mask_pks": [keys[s]["mask_pk"] for s in "ab"],
-        "enc_pks": [keys[s]["enc_pk"] for s in "ab"],
-        "threshold": 2,
-    }
+    roster = _roster(keys, 2)
     with pytest.raises(PolicyRefusal, match="min_secagg_sites=3"):
         sessions["a"].shares(roster)
 
@@ -175,9 +205,10 @@ def test_substituted_shares_do_not_authenticate():
 
 
 def test_session_survives_a_round_trip_through_its_state_file():
-    s = SiteSession("a", RUN, 1)
+    s = _sessions(["a"], r=1)["a"]
     keys = s.keys()
-    back = SiteSession.from_dict(s.to_dict())
+    assert "signing" not in str(s.to_dict()) and s.identity.site == "a"
+    back = SiteSession.from_dict(s.to_dict(), s.identity)
     assert back.keys() == keys and back.to_dict() == s.to_dict()
 
 
@@ -293,8 +324,8 @@ def _secure_aggregate(priv: PrivacyConfig, drop: dict[str, str] | None = None):
         )
         for u in ups
     }
-    sessions = {s: SiteSession(s, RUN, 0) for s in vecs}
-    order = ["keys", SHARES, MASKED, UNMASK]
+    sessions = _sessions(list(vecs), r=0)
+    order = ["keys", SHARES, MASKED, CONSISTENCY, UNMASK]
 
     def ask(stage, payloads):
         out = {}
@@ -305,6 +336,8 @@ def _secure_aggregate(priv: PrivacyConfig, drop: dict[str, str] | None = None):
                 out[s] = sessions[s].shares(p)
             elif stage == MASKED:
                 out[s] = {"masked": sessions[s].masked(vecs[s], p)}
+            elif stage == CONSISTENCY:
+                out[s] = sessions[s].consistency(p)
             else:
                 out[s] = sessions[s].unmask(p)
         return out
@@ -352,7 +385,7 @@ def test_dp_secure_sum_is_the_fixed_divisor_sum_plus_noise_added_by_the_coordina
 
 def test_a_site_that_sent_its_masked_update_refuses_to_be_listed_as_dropped():
     def lie(stage, payloads):
-        if stage == UNMASK:  # tell site-0 that it dropped: its own key share would be revealed
+        if stage == CONSISTENCY:  # tell site-0 that it dropped: its key share would be revealed
             payloads["site-0"] = {"survivors": ["site-1", "site-2", "site-3"]}
         return payloads
 

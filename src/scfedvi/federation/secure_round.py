@@ -6,7 +6,8 @@ vector the site masks (its clipped delta pre-scaled by its cell counts, then the
 :func:`scfedvi.privacy.secagg_protocol.secure_sum` runs the protocol's stages through the
 runtime's ``ask`` and :meth:`Coordinator.aggregate_secure` turns the unmasked sum into the new
 global model. :func:`secure_round_in_process` is the in-process runtime's ``ask``: each site's
-:class:`~scfedvi.privacy.secagg_site.SiteSession` answers in this process.
+:class:`~scfedvi.privacy.secagg_site.SiteSession` answers in this process, with the identity
+its policy names (:func:`site_identities`: every site's files, or keys made in memory).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from scfedvi.federation.aggregate import SiteUpdate
+from scfedvi.privacy.identity import SiteIdentity, load_identity, make_identities
 from scfedvi.privacy.secagg import encode_update, secagg_bound, site_weights
 from scfedvi.privacy.secagg_protocol import (
+    CONSISTENCY,
     MASKED,
     SHARES,
     UNMASK,
@@ -31,7 +34,28 @@ from scfedvi.privacy.secagg_site import SiteSession
 from scfedvi.train.params import Params
 
 #: The stages at which a test may make a site drop out (it answers none after).
-STAGES = ("keys", SHARES, MASKED, UNMASK)
+STAGES = ("keys", SHARES, MASKED, CONSISTENCY, UNMASK)
+
+
+def site_identities(sites: Sequence) -> dict[str, SiteIdentity]:
+    """Each site's identity from the files its policy names (``secagg_identity_key`` and
+    ``secagg_roster``); if no site names any, keys made in memory for this process's
+    federation (every site is simulated here). Some sites with files and some without cannot
+    authenticate each other: a clear error."""
+    named = {s.name: bool(s.policy.secagg_identity_key) for s in sites}
+    if not any(named.values()):
+        return make_identities(s.name for s in sites)
+    if not all(named.values()):
+        missing = sorted(n for n, v in named.items() if not v)
+        raise ValueError(
+            f"secure aggregation: sites {missing} name no identity key in their SitePolicy "
+            "while the others do; give every site secagg_identity_key and secagg_roster (or "
+            "none, for keys made in memory)"
+        )
+    return {
+        s.name: load_identity(s.policy.secagg_identity_key, s.policy.secagg_roster, s.name)
+        for s in sites
+    }
 
 
 def site_vector(worker, update: SiteUpdate, global_params: Params, bound: int) -> np.ndarray:
@@ -79,8 +103,10 @@ def secure_round_in_process(
     vectors = {
         s.name: site_vector(s, u, params, bound) for s, u in zip(sites, updates, strict=True)
     }
+    ids = site_identities(sites)
     sessions = {
-        s.name: SiteSession(s.name, run_id, r, min_sites=s.policy.min_secagg_sites) for s in sites
+        s.name: SiteSession(s.name, run_id, r, ids[s.name], min_sites=s.policy.min_secagg_sites)
+        for s in sites
     }
     gone: set[str] = set()
 
@@ -101,6 +127,8 @@ def secure_round_in_process(
                 out[site] = sess.shares(p)
             elif stage == MASKED:
                 out[site] = {"masked": sess.masked(vectors[site], p)}
+            elif stage == CONSISTENCY:
+                out[site] = sess.consistency(p)
             else:
                 out[site] = sess.unmask(p)
         return out

@@ -9,18 +9,21 @@ the 32-bit XOR of the shared secret's words (``secaggplus_utils.pseudo_rand_gen`
 non-cryptographic generator with 2**32 seeds, which an observer of one masked vector can search.
 Here every mask is a ChaCha20 stream keyed by HKDF-SHA256.
 
-A secure training round is four message exchanges with each site:
+A secure training round is five message exchanges with each site:
 
 1. ``train`` (the round's usual message, with the public bound and a fresh per-round salt):
    the site trains, keeps its update in its state folder as the vector it will mask, and
-   replies with its two public keys, its cell count and its (DP-filtered) metrics: no
-   parameter array;
-2. ``query.secagg`` phase ``shares``, 3. phase ``masked`` (the only array a site sends: the
-   masked ``uint32`` vector), 4. phase ``unmask``.
+   replies with its two public keys signed by its identity key, its cell count and its
+   (DP-filtered) metrics: no parameter array;
+2. ``query.secagg`` phase ``shares`` (the signed keys of all), 3. phase ``masked`` (the only
+   array a site sends: the masked ``uint32`` vector), 4. phase ``consistency`` (each site
+   signs the survivor set), 5. phase ``unmask`` (the signatures; the shares).
 
-The site's session (:class:`~scfedvi.privacy.secagg_site.SiteSession`: its keys, the
-shares it holds and the kinds it revealed) lives in its state folder between messages, since
-Flower starts a new process for each.
+A site's identity key and roster are files its node config names (``secagg-identity-key``,
+``secagg-roster``: :class:`~scfedvi.config.SitePolicy` fields); without them it refuses secure
+aggregation. The site's session (:class:`~scfedvi.privacy.secagg_site.SiteSession`: its keys,
+the shares it holds, the set it signed and the kinds it revealed) lives in its state folder
+between messages, since Flower starts a new process for each.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from scfedvi._constants import SCHEMA_HASH
 from scfedvi.flower import messages as m
+from scfedvi.privacy.identity import SiteIdentity, load_identity
+from scfedvi.privacy.policy import refuse
 from scfedvi.privacy.secagg_protocol import Payload, secure_sum
 from scfedvi.privacy.secagg_site import SiteSession
 
@@ -43,8 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Round-config entries of a secure training round (coordinator -> site).
 BOUND, SALT = "secagg-bound", "secagg-salt"
-#: Reply entries: the site's public keys (stage 1), and the records of stages 2-4.
-MASK_PK, ENC_PK = "mask_pk", "enc_pk"
+#: Reply entries: the site's signed public keys (stage 1), and the records of stages 2-5.
+MASK_PK, ENC_PK, SIG = "mask_pk", "enc_pk", "sig"
 PAYLOAD, VECTORS = "secagg", "secagg-arrays"
 
 
@@ -91,17 +96,35 @@ def _save_session(node, session: SiteSession) -> None:
     os.replace(tmp, path)
 
 
+def site_identity(node) -> SiteIdentity:
+    """The site's identity from the files its node config names; refuses secure aggregation
+    without them."""
+    pol = node.policy
+    if not pol.secagg_identity_key:
+        raise refuse(
+            node.site,
+            "secure aggregation without an identity key: its keys could not be authenticated "
+            "to the other sites, so a coordinator could substitute them",
+            f"make one with `scfedvi secagg-keygen --site {node.site} --out DIR`, put its "
+            "public line in the consortium's roster, and start the SuperNode with "
+            "--node-config \"secagg-identity-key='DIR/NAME.key' secagg-roster='roster.toml'\"",
+        )
+    return load_identity(pol.secagg_identity_key, pol.secagg_roster, node.site)
+
+
 def site_keys_reply(msg: Message, node, worker, update, global_params, schema_hash: str, r: int):
     """Stage 1 at the site, after training: keep the vector to mask and a fresh session in the
-    site's state folder; reply with the public keys, the cell count and the metrics."""
+    site's state folder; reply with the signed public keys, the cell count and the metrics."""
     from scfedvi.federation.secure_round import site_vector
 
     c = msg.content.config_records[m.CONFIG]
+    identity = site_identity(node)
     vector = site_vector(worker, update, global_params, int(c[BOUND]))  # type: ignore[arg-type]
     session = SiteSession(
         node.site,
         bytes(c[SALT]),  # type: ignore[arg-type]
         r,
+        identity,
         min_sites=node.policy.min_secagg_sites,
     )
     node.state_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +134,12 @@ def site_keys_reply(msg: Message, node, worker, update, global_params, schema_ha
     np.save(_vector_path(node, r), vector)
     _save_session(node, session)
     keys = session.keys()
-    extra: dict[str, Any] = {m.SITE: node.site, MASK_PK: keys["mask_pk"], ENC_PK: keys["enc_pk"]}
+    extra: dict[str, Any] = {
+        m.SITE: node.site,
+        MASK_PK: keys["mask_pk"],
+        ENC_PK: keys["enc_pk"],
+        SIG: keys["sig"],
+    }
     return RecordDict(
         {
             m.METRICS: m.metrics_to_record(update.metrics, update.num_examples),
@@ -121,22 +149,24 @@ def site_keys_reply(msg: Message, node, worker, update, global_params, schema_ha
 
 
 def site_stage(msg: Message, node) -> RecordDict:
-    """Stages 2-4 at the site: reload the round's session, answer, save it again."""
-    from scfedvi.privacy.policy import refuse
-    from scfedvi.privacy.secagg_protocol import MASKED, SHARES, UNMASK
+    """Stages 2-5 at the site: reload the round's session, answer, save it again."""
+    from scfedvi.privacy.secagg_protocol import CONSISTENCY, MASKED, SHARES, UNMASK
 
     c = msg.content.config_records[m.CONFIG]
     r, phase = int(c[m.ROUND]), str(c[m.PHASE])  # type: ignore[arg-type]
     path = _session_path(node, r)
     if not path.exists():
         raise refuse(node.site, f"secure aggregation round {r}: no session", "train first")
-    session = SiteSession.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    session = SiteSession.from_dict(saved, site_identity(node))
     p = from_records(msg.content)
     if phase == SHARES:
         reply: Payload = session.shares(p)
     elif phase == MASKED:
         reply = {"masked": session.masked(np.load(_vector_path(node, r)), p)}
         _vector_path(node, r).unlink(missing_ok=True)  # masked once; the update is gone
+    elif phase == CONSISTENCY:
+        reply = session.consistency(p)
     elif phase == UNMASK:
         reply = session.unmask(p)
     else:
@@ -152,7 +182,7 @@ def secure_train_round(ex, coord, fed, r: int, timeout: float) -> dict[str, str]
     """One training round under secure aggregation (see the module docstring); aggregates
     into ``coord`` and returns ``{site: why}`` for the sites that dropped out."""
     from scfedvi.federation.aggregate import SiteUpdate
-    from scfedvi.flower.server_app import _content
+    from scfedvi.flower.server_app import train_content
     from scfedvi.privacy.secagg import secagg_bound, vector_length
 
     sh = fed.schema.hash
@@ -163,7 +193,7 @@ def secure_train_round(ex, coord, fed, r: int, timeout: float) -> dict[str, str]
     targets = {}
     for n in fed.sites:
         if n in online:
-            rd = _content(coord, sh, r)
+            rd = train_content(coord, sh, r)
             extra = {**m.work_to_config(coord.work(fed.sites[n])), BOUND: bound}
             config = m.round_config(sh, r, **extra)
             config[SALT] = salt
@@ -179,7 +209,11 @@ def secure_train_round(ex, coord, fed, r: int, timeout: float) -> dict[str, str]
         if c.get(SCHEMA_HASH) != sh or int(c.get(m.ROUND, -1)) != r or MASK_PK not in c:
             failed[site] = f"reply for schema {c.get(SCHEMA_HASH)!r} round {c.get(m.ROUND)!r}"
             continue
-        keys[site] = {"mask_pk": bytes(c[MASK_PK]), "enc_pk": bytes(c[ENC_PK])}
+        keys[site] = {
+            "mask_pk": bytes(c[MASK_PK]),
+            "enc_pk": bytes(c[ENC_PK]),
+            "sig": bytes(c.get(SIG, b"")),
+        }
         metrics, n_ex = m.record_to_metrics(reply.content.metric_records[m.METRICS])
         metas.append(
             SiteUpdate(site=site, params={}, num_examples=n_ex, batch_counts={}, metrics=metrics)

@@ -172,7 +172,9 @@ class FlowerRounds:
         return failed
 
 
-def _content(coord: Coordinator, schema_hash: str, r: int) -> RecordDict:
+def train_content(coord: Coordinator, schema_hash: str, r: int) -> RecordDict:
+    """A training message's content: the global parameters (and control variates) and the
+    round config (also :func:`scfedvi.flower.secagg.secure_train_round`'s first message)."""
     params, control = coord.broadcast()
     rd = RecordDict(
         {m.ARRAYS: m.params_to_record(params), m.CONFIG: m.round_config(schema_hash, r)}
@@ -188,7 +190,7 @@ def train_round(
     """One round at the sites: their updates (sorted by site) and ``{site: why}`` failures."""
     online = ex.online()
     failed = {s: "not connected" for n, s in fed.sites.items() if n not in online}
-    targets = {n: _content(coord, fed.schema.hash, r) for n in fed.sites if n in online}
+    targets = {n: train_content(coord, fed.schema.hash, r) for n in fed.sites if n in online}
     for n, rd in targets.items():  # each site's local work this round (the schedule)
         work = m.work_to_config(coord.work(fed.sites[n]))
         rd[m.CONFIG] = m.round_config(fed.schema.hash, r, **work)
@@ -250,7 +252,7 @@ def balance(
         for n, s in fed.sites.items():
             if n not in online or s in skip or s in failed:
                 continue
-            rd = _content(coord, fed.schema.hash, coord.round)
+            rd = train_content(coord, fed.schema.hash, coord.round)
             extra: dict[str, str | int] = {
                 m.PHASE: phase,
                 m.N_CLUSTERS: k,
@@ -299,7 +301,7 @@ def embed(
     """
     online = ex.online()
     targets = {
-        n: _content(coord, fed.schema.hash, coord.round)
+        n: train_content(coord, fed.schema.hash, coord.round)
         for n, s in fed.sites.items()
         if n in online and s not in skip
     }

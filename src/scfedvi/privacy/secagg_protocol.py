@@ -1,13 +1,17 @@
 """Secure aggregation with dropout recovery: the protocol and the coordinator's side.
 
 The protocol is SecAgg (Bonawitz et al. 2017) on the complete graph, as Flower's SecAgg+ runs
-it when every site neighbours every other (federations of a few dozen sites at most), with four
-stages per round:
+it when every site neighbours every other (federations of a few dozen sites at most), in its
+version secure against an active (malicious) coordinator, with five stages per round:
 
 1. **keys**: each site sends two fresh X25519 public keys, one to derive pairwise masks and
-   one to encrypt the shares it sends to the others
-   (:meth:`~scfedvi.privacy.secagg_site.SiteSession.keys`);
-2. **shares**: given the roster of every site's keys and the threshold ``t``, each site splits
+   one to encrypt the shares it sends to the others, signed with its long-term Ed25519
+   identity key over the round's salt, the round and its name
+   (:meth:`~scfedvi.privacy.secagg_site.SiteSession.keys`; identities:
+   :mod:`scfedvi.privacy.identity`);
+2. **shares**: given every site's signed keys and the threshold ``t``, each site checks every
+   peer against its own roster of identity keys (unknown names, bad or replayed signatures,
+   fewer than its ``min_secagg_sites`` sites and repeated names are refused), then splits
    its masking secret key and a fresh 32-byte self-mask seed into Shamir shares (over the
    prime field of ``2**521 - 1``) and sends one share of each to every other site, encrypted
    and authenticated with ChaCha20-Poly1305 under a key that only the two sites can derive
@@ -16,9 +20,13 @@ stages per round:
    self mask and the pairwise masks it shares with every site that sent shares, modulo
    ``2**32``; all masks are ChaCha20 streams keyed through HKDF-SHA256, a cryptographic PRG
    (:meth:`~scfedvi.privacy.secagg_site.SiteSession.masked`);
-4. **unmask**: told which sites sent a masked update, each site reveals its share of every
-   such site's self-mask seed and its share of the masking key of every site that dropped out
-   after stage 2; it never reveals both kinds for one site, in this message or a later one
+4. **consistency**: told which sites sent a masked update (the survivors), each site checks
+   the set (it sent shares to them all, it is in it, at least ``t`` of them) and signs it
+   (:meth:`~scfedvi.privacy.secagg_site.SiteSession.consistency`);
+5. **unmask**: given the survivors' signatures, each site checks at least ``t`` valid roster
+   signatures over the set it signed, then reveals its share of every survivor's self-mask
+   seed and its share of the masking key of every site that dropped out after stage 2; it
+   never reveals both kinds for one site, in this message or a later one
    (:meth:`~scfedvi.privacy.secagg_site.SiteSession.unmask`).
 
 The coordinator (:func:`secure_sum`) reconstructs the survivors' seeds and the dropped sites'
@@ -29,14 +37,14 @@ dropped out), which each runtime implements with its own transport, like balanci
 ``run_balance(ask, ...)``. The payloads hold only ``bytes``, ``int``, ``str``, lists of them and
 one ``uint32`` array, so they map onto Flower's config and array records as they are.
 
-A site checks, before answering, that the roster has at least its policy's
-``min_secagg_sites`` sites (default 3) and that the threshold is a majority of the roster (at
-least 2); the coordinator refuses to proceed when fewer than ``t`` sites survive a stage. What
-the key exchange does not give: authentication of the public keys (a coordinator that replaces
-them can read every update unless the sites pin each other's keys), and SecAgg's
-malicious-secure signatures and consistency round (a coordinator that shows a site a shorter
-peer list than it shows the others can unmask that site's update). It holds against an
-honest-but-curious coordinator, other sites and outsiders. See ``docs/privacy.md``.
+A site also checks that the threshold is a majority of the sites it is sent (at least 2);
+the coordinator refuses to proceed when fewer than ``t`` sites survive a stage. The signed keys
+stop a coordinator that substitutes a site's keys (a man in the middle), invents sites that
+are not in the rosters (Sybils) or replays another round's keys; the signed survivor set stops
+one that tells different sites different sets of dropped sites to collect both kinds of share
+of one site. What remains assumed: the rosters are distributed out of band, and a
+coordinator colluding with ``c`` sites learns no single honest site's update only while
+``c < 2t - n``. See ``docs/privacy.md``.
 
 Light: numpy, :mod:`cryptography` and the standard library.
 """
@@ -55,10 +63,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from scfedvi.privacy.identity import signed_bytes
 from scfedvi.privacy.shamir import shamir_reconstruct
 
 #: The stages after the keys, in order (the keys travel with the training reply).
-SHARES, MASKED, UNMASK = "shares", "masked", "unmask"
+SHARES, MASKED, CONSISTENCY, UNMASK = "shares", "masked", "consistency", "unmask"
 #: Kinds of share a site reveals in stage 4.
 SEED, KEY = "seed", "key"
 _RAW_PUB = serialization.Encoding.Raw, serialization.PublicFormat.Raw
@@ -130,6 +139,17 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(*_RAW_PUB)
 
 
+# -- what the sites sign -----------------------------------------------------------------------
+def advertised(run_id: bytes, r: int, site: str, mask_pk: bytes, enc_pk: bytes) -> bytes:
+    """The bytes a site signs in stage 1: its round keys, bound to the salt, round and name."""
+    return signed_bytes("keys", run_id, r, site, mask_pk, enc_pk)
+
+
+def survivor_set(run_id: bytes, r: int, survivors: list[str]) -> bytes:
+    """The bytes a site signs in stage 4: the sorted survivor set, bound to the round."""
+    return signed_bytes("survivors", run_id, r, *sorted(survivors))
+
+
 # -- the coordinator ---------------------------------------------------------------------------
 @dataclass
 class SecureSum:
@@ -151,8 +171,8 @@ def secure_sum(
     min_sites: int = 3,
     threshold: int | None = None,
 ) -> SecureSum:
-    """Run stages 2-4 over the sites whose stage-1 ``keys`` (``{site: {"mask_pk",
-    "enc_pk"}}``) arrived; ``length`` is the masked vector's. Raises :class:`SecAggError`
+    """Run stages 2-5 over the sites whose stage-1 ``keys`` (``{site: {"mask_pk", "enc_pk",
+    "sig"}}``) arrived; ``length`` is the masked vector's. Raises :class:`SecAggError`
     with fewer than ``min_sites`` sites or fewer than the threshold left at any stage."""
     u1 = sorted(keys)
     where = f"secure aggregation, round {round_idx}"
@@ -176,6 +196,7 @@ def secure_sum(
         "sites": u1,
         "mask_pks": [bytes(keys[s]["mask_pk"]) for s in u1],
         "enc_pks": [bytes(keys[s]["enc_pk"]) for s in u1],
+        "sigs": [bytes(keys[s].get("sig", b"")) for s in u1],
         "threshold": t,
     }
     rep = ask(SHARES, {s: roster for s in u1})
@@ -206,8 +227,13 @@ def secure_sum(
         if v.dtype != np.uint32 or v.shape != (length,):
             raise SecAggError(f"{where}: site {s!r} sent a masked vector {v.dtype} {v.shape}")
         total = (total + v) % MOD
-    rep = ask(UNMASK, {s: {"survivors": u3} for s in u3})
-    u4 = sorted(s for s in u3 if s in rep)
+    rep = ask(CONSISTENCY, {s: {"survivors": u3} for s in u3})
+    signers = sorted(s for s in u3 if s in rep)
+    enough(CONSISTENCY, signers)
+    sigs = [bytes(rep[s]["sig"]) for s in signers]
+    unmask = {"survivors": u3, "signers": signers, "sigs": sigs}
+    rep = ask(UNMASK, {s: unmask for s in signers})
+    u4 = sorted(s for s in signers if s in rep)
     enough(UNMASK, u4)
     xs = {s: k + 1 for k, s in enumerate(u1)}
     got: dict[str, dict[int, bytes]] = {s: {} for s in u2}

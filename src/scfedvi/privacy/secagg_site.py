@@ -2,11 +2,16 @@
 
 The protocol and the coordinator's side are in :mod:`scfedvi.privacy.secagg_protocol`. A
 session answers the stages in order, each once (:meth:`SiteSession.keys`,
-:meth:`~SiteSession.shares`, :meth:`~SiteSession.masked`, :meth:`~SiteSession.unmask`), checks
-each request against the site's policy (``min_secagg_sites``, a majority threshold, its own
-keys in the roster, no request for both kinds of share of one site) and refuses with a
-:class:`~scfedvi.privacy.policy.PolicyRefusal`. Serializable (:meth:`SiteSession.to_dict`): on
-Flower each stage is a new process, which reloads the session from the site's state folder.
+:meth:`~SiteSession.shares`, :meth:`~SiteSession.masked`, :meth:`~SiteSession.consistency`,
+:meth:`~SiteSession.unmask`), checks each request against the site's policy and its own
+roster of identity keys (:class:`~scfedvi.privacy.identity.SiteIdentity`): every peer in the
+roster it is sent is a site of its roster whose signature over this round's keys verifies, at
+least ``min_secagg_sites`` of them, a majority threshold, its own keys unchanged; it reveals
+shares only for the survivor set it signed, after ``t`` valid roster signatures over that same
+set, and never both kinds of share of one site. Refusals are
+:class:`~scfedvi.privacy.policy.PolicyRefusal` s, logged with their reason. Serializable
+(:meth:`SiteSession.to_dict`; the identity is not stored): on Flower each stage is a new
+process, which reloads the session from the site's state folder.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from scfedvi.privacy.identity import SiteIdentity
 from scfedvi.privacy.policy import refuse
 from scfedvi.privacy.secagg_protocol import (
+    CONSISTENCY,
     KEY,
     MASKED,
     MOD,
@@ -30,12 +37,14 @@ from scfedvi.privacy.secagg_protocol import (
     SHARES,
     UNMASK,
     Payload,
+    advertised,
     context,
     min_threshold,
     pair_mask,
     public_bytes,
     self_mask,
     share_cipher,
+    survivor_set,
 )
 from scfedvi.privacy.shamir import SHARE_BYTES, shamir_share
 
@@ -52,7 +61,11 @@ class SiteSession:
     site
         The site's name.
     run_id, round_idx
-        Bind every key, mask and ciphertext to this run and round.
+        Bind every key, mask, ciphertext and signature to this run and round (``run_id``: the
+        coordinator's fresh salt of the round).
+    identity
+        The site's signing key and its roster (:class:`~scfedvi.privacy.identity.SiteIdentity`);
+        not serialized.
     min_sites
         The site's policy's ``min_secagg_sites``: fewer sites in the roster are refused.
     """
@@ -60,6 +73,7 @@ class SiteSession:
     site: str
     run_id: bytes
     round_idx: int
+    identity: SiteIdentity = field(repr=False, compare=False)
     min_sites: int = 3
     stage: str = "keys"
     mask_sk: bytes = field(
@@ -73,7 +87,12 @@ class SiteSession:
     threshold: int = 0
     held: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # site -> (key, seed) shares
     survivors: list[str] = field(default_factory=list)  # those that sent shares (stage 3)
+    signed: list[str] = field(default_factory=list)  # the survivor set it signed (stage 4)
     revealed: dict[str, str] = field(default_factory=dict)  # site -> SEED | KEY
+
+    def __post_init__(self) -> None:
+        if self.identity.site != self.site:
+            raise ValueError(f"site {self.site!r}: identity of {self.identity.site!r}")
 
     def _refuse(self, what: str, fix: str) -> Exception:
         return refuse(self.site, f"secure aggregation round {self.round_idx}: {what}", fix)
@@ -86,26 +105,57 @@ class SiteSession:
             )
         self.stage = nxt
 
+    def _own_keys(self) -> tuple[bytes, bytes]:
+        return (
+            public_bytes(X25519PrivateKey.from_private_bytes(self.mask_sk)),
+            public_bytes(X25519PrivateKey.from_private_bytes(self.enc_sk)),
+        )
+
     def keys(self) -> Payload:
-        """Stage 1: the two public keys."""
+        """Stage 1: the two public keys, signed with the site's identity key over this run's
+        salt, the round and the site's name."""
         if self.stage != "keys":
             raise self._refuse("keys asked twice", "a round's keys are sent once")
-        return {
-            "mask_pk": public_bytes(X25519PrivateKey.from_private_bytes(self.mask_sk)),
-            "enc_pk": public_bytes(X25519PrivateKey.from_private_bytes(self.enc_sk)),
-        }
+        mk, ek = self._own_keys()
+        sig = self.identity.sign(advertised(self.run_id, self.round_idx, self.site, mk, ek))
+        return {"mask_pk": mk, "enc_pk": ek, "sig": sig}
 
     def shares(self, p: Payload) -> Payload:
         """Stage 2: encrypted shares of the masking key and the seed, one per other site.
 
-        ``p``: ``sites``, ``mask_pks``, ``enc_pks`` (the roster, aligned) and ``threshold``.
+        ``p``: ``sites``, ``mask_pks``, ``enc_pks``, ``sigs`` (the sites' signed keys, aligned)
+        and ``threshold``. Every site must be in this site's roster and its signature over
+        this round's keys must verify against the roster's key.
         """
-        own = self.keys()
+        mk, ek = self._own_keys()
         self._expect("keys", SHARES)
         sites = [str(s) for s in p["sites"]]
         n, t = len(sites), int(p["threshold"])
         if len(set(sites)) != n or self.site not in sites:
             raise self._refuse("a roster with repeated sites or without this site", "resend it")
+        unknown = sorted(s for s in sites if s not in self.identity.roster)
+        if unknown:
+            raise self._refuse(
+                f"sites {unknown} are not in its roster of identity keys (sites it does not "
+                "know could be the coordinator's own, to reach the threshold)",
+                "run with the consortium's sites only (or the sites add them to their roster)",
+            )
+        sigs = list(p.get("sigs") or [])
+        if len(sigs) != n:
+            raise self._refuse(f"{len(sigs)} signatures for {n} sites' keys", "send every one")
+        bad = [
+            s
+            for s, m, e, sig in zip(sites, p["mask_pks"], p["enc_pks"], sigs, strict=True)
+            if not self.identity.verify(
+                s, advertised(self.run_id, self.round_idx, s, bytes(m), bytes(e)), bytes(sig)
+            )
+        ]
+        if bad:
+            raise self._refuse(
+                f"the keys of {bad} are not signed by their roster identity key for this "
+                f"round (substituted keys, or keys replayed from another round or run)",
+                "forward each site's keys and signature of this round unchanged",
+            )
         if n < self.min_sites:
             raise self._refuse(
                 f"{n} sites in the roster, fewer than its policy's min_secagg_sites="
@@ -119,7 +169,7 @@ class SiteSession:
                 f"use a threshold in [{min_threshold(n)}, {n}] (default ceil(2n/3))",
             )
         i = sites.index(self.site)
-        if bytes(p["mask_pks"][i]) != own["mask_pk"] or bytes(p["enc_pks"][i]) != own["enc_pk"]:
+        if bytes(p["mask_pks"][i]) != mk or bytes(p["enc_pks"][i]) != ek:
             raise self._refuse("the roster carries other keys for this site", "resend its keys")
         self.roster = {
             s: (bytes(mk), bytes(ek))
@@ -179,16 +229,26 @@ class SiteSession:
             out = out + (m if self.site < s else MOD - m.astype(np.uint64))
         return (out % MOD).astype(np.uint32)
 
-    def unmask(self, p: Payload) -> Payload:
+    def consistency(self, p: Payload) -> Payload:
         """Stage 4: ``p["survivors"]``: the sites whose masked update the coordinator holds.
-        Reveals the seed share of each of them and the key share of each other site that sent
-        shares; refuses a request that would reveal the other kind for a site already answered
-        (SecAgg's rule: both kinds of one site unmask its update alone)."""
-        if self.stage not in (MASKED, UNMASK):
+        Checks the set as :meth:`unmask` will and signs it (bound to this round); a site signs
+        one survivor set per round (asked again for the same set, it signs it again)."""
+        if self.stage not in (MASKED, CONSISTENCY):
             raise self._refuse(
-                f"asked to unmask while at {self.stage!r}", "run the stages in order"
+                f"asked to sign the survivors while at {self.stage!r}", "run the stages in order"
             )
-        alive = {str(s) for s in p["survivors"]}
+        alive = sorted({str(s) for s in p["survivors"]})
+        self._check_survivors(set(alive))
+        if self.signed and alive != self.signed:
+            raise self._refuse(
+                f"asked to sign the survivors {alive} after signing {self.signed}",
+                "a round has one survivor set",
+            )
+        self.stage, self.signed = CONSISTENCY, alive
+        msg = survivor_set(self.run_id, self.round_idx, alive)
+        return {"sig": self.identity.sign(msg)}
+
+    def _check_survivors(self, alive: set[str]) -> None:
         if not alive <= set(self.survivors):
             raise self._refuse("survivors that did not send shares", "resend the stage")
         if self.site not in alive:  # it sent its masked update: its key share would unmask it
@@ -200,6 +260,43 @@ class SiteSession:
             raise self._refuse(
                 f"{len(alive)} masked updates, fewer than the threshold {self.threshold}",
                 "the round cannot be unmasked with fewer",
+            )
+
+    def unmask(self, p: Payload) -> Payload:
+        """Stage 5: ``p``: ``survivors`` (the set this site signed), ``signers`` and ``sigs``:
+        the survivors' signatures over it. With at least ``t`` valid signatures of sites of
+        its roster over that same set, reveals the seed share of each survivor and the key
+        share of each other site that sent shares; refuses a request that would reveal the
+        other kind for a site already answered (both kinds of one site unmask its update
+        alone). The signatures make every site that reveals agree on one survivor set, so a
+        coordinator cannot tell some sites that a peer dropped and others that it survived."""
+        if self.stage not in (CONSISTENCY, UNMASK):
+            raise self._refuse(
+                f"asked to unmask while at {self.stage!r} (before signing the survivors)",
+                "run the stages in order",
+            )
+        alive = {str(s) for s in p["survivors"]}
+        if sorted(alive) != self.signed:
+            raise self._refuse(
+                f"asked to unmask for the survivors {sorted(alive)}, not the set it signed "
+                f"{self.signed}",
+                "unmask the survivor set the sites signed",
+            )
+        self._check_survivors(alive)
+        msg = survivor_set(self.run_id, self.round_idx, self.signed)
+        signers = [str(s) for s in p.get("signers") or []]
+        sigs = list(p.get("sigs") or [])
+        valid = {
+            s
+            for s, sig in zip(signers, sigs, strict=False)
+            if s in alive and self.identity.verify(s, msg, bytes(sig))
+        }
+        if len(signers) != len(sigs) or len(valid) < self.threshold:
+            raise self._refuse(
+                f"{len(valid)} valid roster signatures over the survivor set {self.signed} "
+                f"(of {len(signers)} sent), fewer than the threshold {self.threshold}: the "
+                "other sites may have been told another set",
+                "forward the survivors' signatures over the same set",
             )
         kinds = {s: SEED if s in alive else KEY for s in self.survivors}
         clash = sorted(s for s, k in kinds.items() if self.revealed.get(s, k) != k)
@@ -230,11 +327,14 @@ class SiteSession:
             "threshold": self.threshold,
             "held": {s: [a.hex(), b.hex()] for s, (a, b) in self.held.items()},
             "survivors": self.survivors,
+            "signed": self.signed,
             "revealed": self.revealed,
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SiteSession:
+    def from_dict(cls, d: Mapping[str, Any], identity: SiteIdentity) -> SiteSession:
+        """The session :meth:`to_dict` saved, with the site's ``identity``."""
+
         def pairs(x):
             return {s: (bytes.fromhex(a), bytes.fromhex(b)) for s, (a, b) in x.items()}
 
@@ -242,6 +342,7 @@ class SiteSession:
             site=d["site"],
             run_id=bytes.fromhex(d["run_id"]),
             round_idx=int(d["round_idx"]),
+            identity=identity,
             min_sites=int(d["min_sites"]),
             stage=d["stage"],
             mask_sk=bytes.fromhex(d["mask_sk"]),
@@ -251,5 +352,6 @@ class SiteSession:
             threshold=int(d["threshold"]),
             held=pairs(d["held"]),
             survivors=list(d["survivors"]),
+            signed=list(d.get("signed", [])),
             revealed=dict(d["revealed"]),
         )
