@@ -12,7 +12,10 @@ Two measurements for each federation size in ``--sites`` (default 3, 5, 10):
    after the other, as a single core would) against the unmasked aggregation
    (:func:`~scfedvi.federation.aggregate.fedavg` of the same updates), the anchor; and with
    one site dropping out after sending its shares (its masks recovered from the others'
-   shares).
+   shares). The part of both that authenticates the protocol against a malicious
+   coordinator is measured in the same run: bytes of the signatures, the signer lists and the
+   consistency stage's messages, and seconds spent signing and verifying (Ed25519; the
+   sites' long-term identity keys are made once, outside the timing).
 2. **A whole in-process round** (``--cells`` cells per site of simulated counts, ``--rounds``
    rounds of one local epoch): seconds per round of ``ScFedVI.train`` with
    ``PrivacyConfig(secure_aggregation=True)`` against the same run without it.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -48,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cells", type=int, default=200, help="cells per site (whole rounds)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="protocol timings (median)")
+    p.add_argument("--no-rounds", action="store_true", help="the protocol only")
     p.add_argument("--out", type=Path, default=Path("benchmark-out/bench_secagg.json"))
     return p.parse_args(argv)
 
@@ -70,6 +75,7 @@ def protocol(n: int, genes: int, repeats: int, drop: str | None = None) -> dict[
     from scfedvi.config import ModelConfig, RunConfig
     from scfedvi.federation.aggregate import SiteUpdate, fedavg
     from scfedvi.federation.coordinator import Coordinator
+    from scfedvi.privacy.identity import SiteIdentity, make_identities
     from scfedvi.privacy.secagg import (
         decode_sum,
         encode_update,
@@ -77,7 +83,7 @@ def protocol(n: int, genes: int, repeats: int, drop: str | None = None) -> dict[
         site_weights,
         vector_length,
     )
-    from scfedvi.privacy.secagg_protocol import MASKED, SHARES, secure_sum
+    from scfedvi.privacy.secagg_protocol import CONSISTENCY, MASKED, SHARES, secure_sum
     from scfedvi.privacy.secagg_site import SiteSession
 
     cfg = RunConfig(model=ModelConfig())
@@ -94,8 +100,33 @@ def protocol(n: int, genes: int, repeats: int, drop: str | None = None) -> dict[
     length = vector_length(g, n)
     up = np.zeros(n)
     down = np.zeros(n)
-    seconds = []
+    auth_up = np.zeros(n)
+    auth_down = np.zeros(n)
+    seconds, auth_seconds = [], []
+    ids = make_identities(f"s{i:02d}" for i in range(n))  # long-term keys: made once
+    clock = [0.0]
+    sign, verify = SiteIdentity.sign, SiteIdentity.verify
+
+    def timed(f):
+        def g(*a):
+            t = time.perf_counter()
+            try:
+                return f(*a)
+            finally:
+                clock[0] += time.perf_counter() - t
+
+        return g
+
+    SiteIdentity.sign, SiteIdentity.verify = timed(sign), timed(verify)  # type: ignore[method-assign]
+
+    def auth_bytes(stage: str, payload: dict) -> int:
+        """Bytes that authenticate: signatures, signer lists, the consistency stage."""
+        if stage == CONSISTENCY:
+            return _nbytes(payload)
+        return sum(_nbytes({k: v}) for k, v in payload.items() if k in ("sig", "sigs", "signers"))
+
     for rep in range(repeats):
+        clock[0] = 0.0
         t0 = time.perf_counter()
         vecs = {
             f"s{i:02d}": encode_update(
@@ -103,11 +134,12 @@ def protocol(n: int, genes: int, repeats: int, drop: str | None = None) -> dict[
             )
             for i in range(n)
         }
-        sessions = {s: SiteSession(s, b"bench", rep) for s in vecs}
+        sessions = {s: SiteSession(s, b"bench", rep, ids[s]) for s in vecs}
         keys = {s: x.keys() for s, x in sessions.items()}
         if rep == 0:
             for i, s in enumerate(vecs):
                 up[i] += _nbytes(keys[s])
+                auth_up[i] += auth_bytes("keys", keys[s])
 
         def ask(stage, payloads, rep=rep, sessions=sessions, vecs=vecs):
             out = {}
@@ -118,18 +150,24 @@ def protocol(n: int, genes: int, repeats: int, drop: str | None = None) -> dict[
                     out[s] = sessions[s].shares(p)
                 elif stage == MASKED:
                     out[s] = {"masked": sessions[s].masked(vecs[s], p)}
+                elif stage == CONSISTENCY:
+                    out[s] = sessions[s].consistency(p)
                 else:
                     out[s] = sessions[s].unmask(p)
                 if rep == 0:
                     k = int(s[1:])
                     down[k] += _nbytes(p)
                     up[k] += _nbytes(out[s])
+                    auth_down[k] += auth_bytes(stage, p)
+                    auth_up[k] += auth_bytes(stage, out[s])
             return out
 
         res = secure_sum(ask, keys, length=length, run_id=b"bench", round_idx=rep)
         sums, counts = decode_sum(res.total, g, n, clip_norm=clip, bound=bound)
         secure_average(sums, counts, g, {})
         seconds.append(time.perf_counter() - t0)
+        auth_seconds.append(clock[0])
+    SiteIdentity.sign, SiteIdentity.verify = sign, verify  # type: ignore[method-assign]
     updates = [SiteUpdate(f"s{i:02d}", params[i], cells, {i: cells}) for i in range(n)]
     plain = []
     for _ in range(repeats):
@@ -144,8 +182,11 @@ def protocol(n: int, genes: int, repeats: int, drop: str | None = None) -> dict[
         "plain_bytes_up_per_site": param_bytes,
         "secure_bytes_up_per_site": float(np.max(up)),
         "secure_bytes_down_per_site": float(np.max(down)),
+        "auth_bytes_up_per_site": float(np.max(auth_up)),
+        "auth_bytes_down_per_site": float(np.max(auth_down)),
         "plain_seconds": float(np.median(plain)),
         "secure_seconds": float(np.median(seconds)),
+        "auth_seconds": float(np.median(auth_seconds)),
     }
 
 
@@ -199,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = {
         "command": shlex.join([sys.executable, *sys.argv]),
+        "load_average_at_start": list(os.getloadavg()),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch": torch.__version__,
@@ -213,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.sites:
         rows.append(protocol(n, args.genes, args.repeats))
         rows.append(protocol(n, args.genes, args.repeats, drop="s01"))
-        rounds.append(whole_rounds(n, args.cells, min(args.genes, 500), args.rounds))
+        if not args.no_rounds:
+            rounds.append(whole_rounds(n, args.cells, min(args.genes, 500), args.rounds))
     print(
         "\n| sites | dropout | vector | bytes up/site (plain -> secure, ratio) | "
         "extra bytes down/site (stages 2-4) | aggregation s (plain -> secure, ratio) |"
@@ -227,6 +270,19 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['secure_bytes_down_per_site']:,.0f} | {r['plain_seconds']:.4f} -> "
             f"{r['secure_seconds']:.3f} ({r['secure_seconds'] / r['plain_seconds']:.0f}x) |"
         )
+    print(
+        "\n| sites | dropout | authentication bytes up/down per site (share of the secure "
+        "bytes) | signing + verifying s (share of the secure s) |"
+    )
+    print("|---|---|---|---|")
+    for r in rows:
+        total = r["secure_bytes_up_per_site"] + r["secure_bytes_down_per_site"]
+        auth = r["auth_bytes_up_per_site"] + r["auth_bytes_down_per_site"]
+        print(
+            f"| {r['sites']} | {r['dropped'] or '-'} | {r['auth_bytes_up_per_site']:,.0f} / "
+            f"{r['auth_bytes_down_per_site']:,.0f} ({auth / total:.5%}) | "
+            f"{r['auth_seconds']:.4f} ({r['auth_seconds'] / r['secure_seconds']:.2%}) |"
+        )
     print("\n| sites | s/round plain | s/round secure | ratio | max param difference |")
     print("|---|---|---|---|---|")
     for r in rounds:
@@ -237,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['max_param_difference']:.1e} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta["load_average_at_end"] = list(os.getloadavg())
     args.out.write_text(json.dumps({**meta, "protocol": rows, "rounds": rounds}, indent=1))
     print(f"\nwrote {args.out}")
 
