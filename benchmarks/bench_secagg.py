@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds.append(whole_rounds(n, args.cells, min(args.genes, 500), args.rounds))
     print(
         "\n| sites | dropout | vector | bytes up/site (plain -> secure, ratio) | "
-        "extra bytes down/site (stages 2-4) | aggregation s (plain -> secure, ratio) |"
+        "extra bytes down/site (stages 2-5) | aggregation s (plain -> secure, ratio) |"
     )
     print("|---|---|---|---|---|---|")
     for r in rows:
