@@ -114,3 +114,14 @@ def test_cli_secure_aggregation_states_its_requirements(tmp_path, capsys, small_
     assert "--secure-aggregation needs --dp-clip C" in capsys.readouterr().err
     assert main([*base, "--dp-clip", "1.0"]) == 2
     assert "needs at least 3 sites, got 2" in capsys.readouterr().err
+
+
+def test_cli_secure_aggregation_makes_the_site_clipped_secure_config():
+    from argparse import Namespace
+
+    from scfedvi.commands import _privacy
+
+    args = Namespace(secure_aggregation=True, dp_clip=0.5, dp_noise=0.0)
+    priv = _privacy(args, 3)
+    assert priv.secure_aggregation and priv.clip_at == "site" and priv.clip_norm == 0.5
+    assert priv.noise_multiplier == 0.0 and priv.expected_sites == 3

@@ -42,9 +42,9 @@ the coordinator refuses to proceed when fewer than ``t`` sites survive a stage. 
 stop a coordinator that substitutes a site's keys (a man in the middle), invents sites that
 are not in the rosters (Sybils) or replays another round's keys; the signed survivor set stops
 one that tells different sites different sets of dropped sites to collect both kinds of share
-of one site. What remains assumed: the rosters are distributed out of band, and a
-coordinator colluding with ``c`` sites learns no single honest site's update only while
-``c < 2t - n``. See ``docs/privacy.md``.
+of one site. What remains assumed: the rosters are distributed out of band, and fewer than
+``2t - n`` sites collude with the coordinator (with more, two groups of honest sites plus the
+colluders can each reach ``t`` signatures on different sets). See ``docs/privacy.md``.
 
 Light: numpy, :mod:`cryptography` and the standard library.
 """
