@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.1,
         help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL, seconds (0: Flower's default, 1 s)",
     )
+    p.add_argument(
+        "--warm-worker",
+        choices=("true", "false", "both"),
+        default="both",
+        help="the SuperNodes' node config warm-worker (both: the deployment runs twice, "
+        "first without, then with the warm worker)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument(
@@ -233,9 +240,42 @@ def _stop(p: subprocess.Popen) -> None:
             pass
 
 
-def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def _workers_left(work: Path, wait: float = 15.0) -> int:
+    """Warm workers of this run still alive ``wait`` s after their SuperNodes stopped (they
+    exit by themselves when their SuperNode is gone); any left are killed by PID."""
+
+    def left() -> list[int]:
+        out = []
+        for d in Path("/proc").iterdir():
+            try:
+                cmd = (d / "cmdline").read_bytes() if d.name.isdigit() else b""
+            except OSError:
+                continue
+            if b"scfedvi.flower.site_worker" in cmd and str(work).encode() in cmd:
+                out.append(int(d.name))
+        return out
+
+    end = time.monotonic() + wait
+    while left() and time.monotonic() < end:
+        time.sleep(0.5)
+    pids = left()
+    for pid in pids:
+        print(f"warning: warm worker {pid} still alive after its SuperNode stopped; killed")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def deployment(
+    paths: dict, args: argparse.Namespace, work: Path, warm: str = "false"
+) -> dict[str, Any]:
+    """One run of the deployment engine in ``work`` (created), with node config
+    ``warm-worker=warm`` at every SuperNode."""
     from scfedvi.flower.settings import write_app_dir
 
+    work.mkdir(parents=True)
     home, out = work / "flwr-home", work / "server-out"
     home.mkdir()
     port = _free_port()
@@ -259,6 +299,7 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
         start([str(BIN / "flower-superlink"), "--insecure", "--port", str(port)])
         for site, path in paths.items():
             cfg = f"site='{site}' data-path='{path}' state-dir='{work / 'sites'}'"
+            cfg += f" warm-worker='{warm}'"
             sn = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}"]
             start([*sn, "--port", str(_free_port()), "--node-config", cfg])
         end = time.monotonic() + 300
@@ -300,6 +341,7 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
         for p in reversed(procs):
             _stop(p)
         log.close()
+        orphans = _workers_left(work)
     if result.get("status") != "completed":
         raise RuntimeError(f"the Flower run did not complete: {result}; see {work}/flower.log")
     with np.load(out / "model" / "model.npz") as z:
@@ -315,24 +357,13 @@ def deployment(paths: dict, args: argparse.Namespace, work: Path) -> dict[str, A
         "balance_clusters": result["balance"]["clusters"],
         "setup_and_embed_s": wall - sum(result["seconds_per_round"]) - result["balance"]["seconds"],
         "params": params,
+        "load_avg": os.getloadavg(),
+        "workers_left": orphans,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    load_start = os.getloadavg()
-    import flwr
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
-        work = Path(tmp)
-        (work / "data").mkdir()
-        paths = write_sites(work / "data", args.sites, args.cells, args.genes, args.seed)
-        ref = in_process(paths, args)
-        fl = deployment(paths, args, work)
+def report(ref: dict[str, Any], fl: dict[str, Any], label: str) -> dict[str, Any]:
+    """Print one deployment run against the in-process run; the figures as a record."""
     diff = max(
         float(np.max(np.abs(fl["params"][k] - v) / (np.abs(v) + 1e-6)))
         for k, v in ref["params"].items()
@@ -342,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         np.allclose(fl["params"][k], v, rtol=1e-5, atol=1e-7) for k, v in ref["params"].items()
     )
     ip, dep = np.mean(ref["seconds_per_round"]), np.mean(fl["seconds_per_round"])
-    print(f"{args.sites} sites x {args.cells} cells x {args.genes} genes, {args.rounds} rounds")
+    print(f"--- Flower, {label}")
     print(
         "round | in process: wall  slowest site  rest | Flower: wall  slowest site  Flower's | MB"
     )
@@ -373,7 +404,37 @@ def main(argv: list[str] | None = None) -> int:
         f"whole run  : {fl['wall_s']:.1f} s over Flower (setup, rounds, balancing, embedding); "
         f"{ip_total:.1f} s in process (setup, rounds, balancing; no embedding)"
     )
-    record = {
+    print(f"load       : {fl['load_avg']}")
+    return {
+        "flower": {k: v for k, v in fl.items() if k != "params"},
+        "ratio": dep / ip,
+        "flower_part_median_s": float(np.median(over)),
+        "max_rel_param_diff": diff,
+        "max_abs_param_diff": abs_diff,
+        "params_allclose": close,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_start = os.getloadavg()
+    import flwr
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    modes = ["false", "true"] if args.warm_worker == "both" else [args.warm_worker]
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
+        work = Path(tmp)
+        (work / "data").mkdir()
+        paths = write_sites(work / "data", args.sites, args.cells, args.genes, args.seed)
+        ref = in_process(paths, args)
+        for mode in modes:
+            runs[mode] = deployment(paths, args, work / f"flower-warm-{mode}", warm=mode)
+    print(f"{args.sites} sites x {args.cells} cells x {args.genes} genes, {args.rounds} rounds")
+    record: dict[str, Any] = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "versions": {
             "python": platform.python_version(),
@@ -383,16 +444,21 @@ def main(argv: list[str] | None = None) -> int:
         },
         "cpus": os.cpu_count(),
         "load_avg_start": load_start,
-        "load_avg_end": os.getloadavg(),
         "args": vars(args),
         "in_process": {k: v for k, v in ref.items() if k != "params"},
-        "flower": {k: v for k, v in fl.items() if k != "params"},
-        "ratio": dep / ip,
-        "flower_part_median_s": float(np.median(over)),
-        "max_rel_param_diff": diff,
-        "max_abs_param_diff": abs_diff,
-        "params_allclose": close,
     }
+    for mode, fl in runs.items():
+        label = "warm worker" if mode == "true" else "every message in its own process"
+        record[f"warm_worker_{mode}"] = report(ref, fl, label)
+    if len(runs) == 2:
+        cold, hot = (record[f"warm_worker_{k}"] for k in ("false", "true"))
+        print(
+            "warm / cold: Flower's part per round "
+            f"{hot['flower_part_median_s'] / cold['flower_part_median_s']:.2f}x, balancing "
+            f"{hot['flower']['balance_s'] / cold['flower']['balance_s']:.2f}x, whole run "
+            f"{hot['flower']['wall_s'] / cold['flower']['wall_s']:.2f}x"
+        )
+    record["load_avg_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")

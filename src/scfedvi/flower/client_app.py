@@ -37,29 +37,60 @@ SITE_DATA_ERROR = 2  # flwr's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 app = ClientApp()
 
 Handler = Callable[[Message, NodeSettings, RunConfig, AppSettings], RecordDict]
+#: The site's handlers by name, for the warm worker (:mod:`scfedvi.flower.site_worker`).
+HANDLERS: dict[str, Handler] = {}
 
 
 def site_handler(fn: Handler) -> Callable[[Message, Context], Message]:
-    """Parse the configs and the site's own policy, run ``fn``; a :class:`SiteDataError`
-    (a :class:`~scfedvi.privacy.policy.PolicyRefusal` too) becomes a clear error reply.
-
-    The site's :class:`~scfedvi.config.SitePolicy` comes from its node config only
-    (:func:`~scfedvi.privacy.policy.policy_from_node_config`: ``policy-file`` and/or
-    individual keys), never from the run config; handlers find it as ``node.policy``.
-    """
+    """Answer a message with ``fn`` through :func:`answer`: in the site's warm worker when
+    its node config allows one (:mod:`scfedvi.flower.warm`), else in this process."""
+    HANDLERS[fn.__name__] = fn
 
     @functools.wraps(fn)
     def wrapper(msg: Message, context: Context) -> Message:
-        cfg, settings = run_config_from_flower(context.run_config)
         try:
-            cfg = node_device(cfg, context.node_config)  # the site's own device
-            node = NodeSettings.from_configs(context.node_config, settings)  # policy included
-            return Message(fn(msg, node, cfg, settings), reply_to=msg)
+            reply = _warm_reply(fn.__name__, msg, context)
         except SiteDataError as e:
             log.error("%s", e)
             return Message(Error(code=SITE_DATA_ERROR, reason=str(e)), reply_to=msg)
+        if reply is not None:
+            return reply
+        return Message(answer(fn, msg, context), reply_to=msg)
 
     return wrapper
+
+
+def answer(fn: Handler, msg: Message, context: Context) -> RecordDict | Error:
+    """Parse the configs and the site's own policy, run ``fn``; a :class:`SiteDataError`
+    (a :class:`~scfedvi.privacy.policy.PolicyRefusal` too) becomes a clear error.
+
+    The one code path of every message, in a ClientApp's own process and in the site's warm
+    worker. The site's :class:`~scfedvi.config.SitePolicy` comes from its node config only
+    (:func:`~scfedvi.privacy.policy.policy_from_node_config`: ``policy-file`` and/or
+    individual keys), never from the run config; handlers find it as ``node.policy``.
+    """
+    cfg, settings = run_config_from_flower(context.run_config)
+    try:
+        cfg = node_device(cfg, context.node_config)  # the site's own device
+        node = NodeSettings.from_configs(context.node_config, settings)  # policy included
+        return fn(msg, node, cfg, settings)
+    except SiteDataError as e:
+        log.error("%s", e)
+        return Error(code=SITE_DATA_ERROR, reason=str(e))
+
+
+def _warm_reply(name: str, msg: Message, context: Context) -> Message | None:
+    """The site's warm worker's reply, or ``None`` (no worker for this message)."""
+    from scfedvi.flower import warm
+
+    try:
+        if not warm.enabled(context.node_config):
+            return None
+        warm.idle_seconds(context.node_config)
+    except ValueError as e:
+        raise SiteDataError(f"SuperNode --node-config: {e}") from None
+    node = NodeSettings.from_configs(context.node_config, AppSettings())
+    return warm.ask(name, msg, context, node.site, node.state_dir)
 
 
 def _config(**values) -> ConfigRecord:
@@ -286,6 +317,15 @@ def secagg(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) 
     from scfedvi.flower.secagg import site_stage
 
     return site_stage(msg, node)
+
+
+@app.query("annotate")
+@site_handler
+def annotate(msg: Message, node: NodeSettings, cfg: RunConfig, app_: AppSettings) -> RecordDict:
+    """The scANVI stage's steps at the site (:func:`scfedvi.flower.annotate.site_step`)."""
+    from scfedvi.flower.annotate import site_step
+
+    return site_step(msg, node, cfg, app_)
 
 
 @app.query("embed")

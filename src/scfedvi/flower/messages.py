@@ -8,13 +8,16 @@ counts) as :class:`ConfigRecord`. Nothing here knows the algorithm.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from scfedvi._constants import NUM_EXAMPLES, SCHEMA_HASH
-from scfedvi.data.harmonize import BATCH_FIELDS, SiteSummary
 from scfedvi.privacy.policy import PooledBatch
+
+if TYPE_CHECKING:  # harmonize imports pandas: only the setup summaries need it
+    from scfedvi.data.harmonize import SiteSummary
 
 #: Message types (``<category>.<action>``) of the protocol, in the order they are used.
 GENES = "query.genes"  # setup 1: the site's gene names
@@ -110,6 +113,8 @@ def summary_to_records(s: SiteSummary) -> tuple[ConfigRecord, ArrayRecord]:
     summarise it (too few cells for its policy: a count only); the gene names are not
     repeated (they are the universe the server sent).
     """
+    from scfedvi.data.harmonize import BATCH_FIELDS
+
     batches = list(s.batch_counts)
     cfg: dict = {SITE: s.site, "batches": batches, "counts": [s.batch_counts[b] for b in batches]}
     if s.labels is not None:
@@ -127,6 +132,8 @@ def records_to_summary(
     cfg: ConfigRecord, arrays: ArrayRecord, genes: tuple[str, ...]
 ) -> SiteSummary:
     """Inverse of :func:`summary_to_records` given the universe ``genes``."""
+    from scfedvi.data.harmonize import BATCH_FIELDS, SiteSummary
+
     batches = [str(b) for b in cfg["batches"]]  # type: ignore[union-attr]
     counts = [int(n) for n in cfg["counts"]]  # type: ignore[union-attr]
     p = record_to_params(arrays)
