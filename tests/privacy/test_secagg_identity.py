@@ -125,3 +125,45 @@ def test_cli_secure_aggregation_makes_the_site_clipped_secure_config():
     priv = _privacy(args, 3)
     assert priv.secure_aggregation and priv.clip_at == "site" and priv.clip_norm == 0.5
     assert priv.noise_multiplier == 0.0 and priv.expected_sites == 3
+
+
+def test_in_process_run_with_identity_files_in_each_sites_policy(tmp_path, small_adata):
+    """``ScFedVI``'s ``policy`` names each site's key and roster; a site whose roster lacks a
+    peer refuses the round, naming it."""
+    from scfedvi import ScFedVI
+    from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig
+    from scfedvi.privacy.policy import PolicyRefusal
+
+    roster, partial = tmp_path / "roster.toml", tmp_path / "partial.toml"
+    keys = {s: _site(tmp_path, s, roster)[0] for s in ("a", "b", "c")}
+    write_roster(partial, {s: load_roster(roster)[s] for s in ("a", "b")})
+    priv = PrivacyConfig(clip_norm=1e3, clip_at="site", expected_sites=3, secure_aggregation=True)
+    cfg = RunConfig(
+        model=ModelConfig(n_hidden=16, n_latent=3),
+        train=TrainConfig(batch_size=32, local_epochs=1),
+        federation=FederationConfig(n_rounds=1),
+        privacy=priv,
+    )
+    n = small_adata.n_obs // 3
+    sites = {s: small_adata[i * n : (i + 1) * n].copy() for i, s in enumerate(keys)}
+
+    def policies(roster_of):
+        return {
+            s: SitePolicy(secagg_identity_key=str(k), secagg_roster=str(roster_of(s)))
+            for s, k in keys.items()
+        }
+
+    model = ScFedVI.from_sites(
+        sites, batch_key="batch", n_top_genes=None, config=cfg, policy=policies(lambda s: roster)
+    )
+    h = model.train(progress=False)
+    assert (h[h["site"] != "(server)"]["status"] == "ok").all()
+    model = ScFedVI.from_sites(
+        sites,
+        batch_key="batch",
+        n_top_genes=None,
+        config=cfg,
+        policy=policies(lambda s: partial if s == "a" else roster),
+    )
+    with pytest.raises(PolicyRefusal, match=r"site 'a' refuses.*\['c'\] are not in its roster"):
+        model.train(progress=False)
