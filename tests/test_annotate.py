@@ -202,13 +202,13 @@ def test_cli_annotate_then_embed_predict_a_new_site(fitted, tmp_path, capsys):
 def test_classifier_is_averaged_over_the_labelled_sites_only():
     """A site without labels does not pull the classifier back to the round's start; every
     other parameter is averaged by cells as in scFedVI."""
-    from scfedvi.annotate.model import LabelCoordinator, _use_module
+    from scfedvi.annotate.protocol import LabelCoordinator, use_module
     from scfedvi.federation.aggregate import SiteUpdate
     from scfedvi.module.scanvi import SCANVAE
 
     cfg = replace(FAST, model=ModelConfig(n_hidden=8, n_latent=3))
     coord = LabelCoordinator(20, 2, cfg)
-    _use_module(coord, SCANVAE(20, 2, 3, cfg.model), cfg)
+    use_module(coord, SCANVAE(20, 2, 3, cfg.model), cfg)
     assert "y_prior" not in coord.params  # fixed at every site: DP noise would break it
     start = {k: v.copy() for k, v in coord.params.items()}
     moved = {k: v + 1.0 if v.dtype.kind == "f" else v for k, v in start.items()}

@@ -9,15 +9,10 @@ at that site alone (scArches).
 
 from __future__ import annotations
 
-from scfedvi.annotate.model import (
-    CONFIDENCE_KEY,
-    LABEL_KEY,
-    LATENT_KEY,
-    NOVELTY_KEY,
-    AnnotateConfig,
-    ScFedANVI,
-)
+from scfedvi.annotate.model import ScFedANVI
 from scfedvi.annotate.query import load_query_data
+from scfedvi.annotate.site_steps import CONFIDENCE_KEY, LABEL_KEY, LATENT_KEY, NOVELTY_KEY
+from scfedvi.config import AnnotateConfig
 
 __all__ = [
     "CONFIDENCE_KEY",

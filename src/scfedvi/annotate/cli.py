@@ -38,7 +38,7 @@ def add_annotate_parser(sub) -> None:
         default="Unknown",
         help="label value of unlabelled cells (default: Unknown)",
     )
-    from scfedvi.annotate.model import AnnotateConfig
+    from scfedvi.config import AnnotateConfig
 
     d = AnnotateConfig()
     a.add_argument(
@@ -73,8 +73,9 @@ def add_predict_options(e: argparse.ArgumentParser) -> None:
 
 
 def annotate(args: argparse.Namespace) -> int:
-    from scfedvi.annotate.model import AnnotateConfig, ScFedANVI
+    from scfedvi.annotate.model import ScFedANVI
     from scfedvi.commands import _check_outputs, _sites
+    from scfedvi.config import AnnotateConfig
     from scfedvi.model import ScFedVI, _split
 
     base = ScFedVI.load(args.model)

@@ -11,108 +11,46 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-import torch
 
 from scfedvi._saved import load_model_dir, save_model_dir
-from scfedvi.annotate.site import (
-    AnnotateSite,
-    LabelledSiteTensors,
-    label_centroids,
-    label_summary,
-    latent_moments,
-    novelty,
-    pooled_moments,
+from scfedvi.annotate.protocol import (
+    LabelCoordinator,
+    Summary,
+    annotate_run_config,
+    label_schema,
+    new_module,
+    scanvi_batch_owned,
+    train_annotate,
 )
-from scfedvi.config import RunConfig
+from scfedvi.annotate.site import AnnotateSite, LabelledSiteTensors
+from scfedvi.annotate.site_steps import answer_labels, answer_summary, write_predictions
+from scfedvi.config import AnnotateConfig, RunConfig
 from scfedvi.data.errors import SchemaMismatchError
-from scfedvi.data.labels import harmonize_labels, site_label_counts
 from scfedvi.data.schema import FederationSchema, SiteData, project
-from scfedvi.federation.aggregate import SiteUpdate, reject_invalid
-from scfedvi.federation.coordinator import Coordinator
-from scfedvi.module.scanvi import SCANVAE, label_layer_keys
-from scfedvi.train.params import Params, batch_owned_columns, get_state, set_state, shared_keys
+from scfedvi.federation.inprocess import InProcessRounds
+from scfedvi.module.scanvi import SCANVAE
+from scfedvi.train.params import Params
+
+__all__ = [  # and, for existing imports, AnnotateConfig (scfedvi.config) and the obs keys
+    "AnnotateConfig",
+    "InProcessAnnotate",
+    "LabelCoordinator",
+    "ScFedANVI",
+    "annotate_worker",
+    "project_new_site",
+    "scanvi_batch_owned",
+]
 
 log = logging.getLogger(__name__)
-LATENT_KEY, LABEL_KEY, CONFIDENCE_KEY, NOVELTY_KEY = (
-    "X_scFedANVI",
-    "scfedvi_label",
-    "scfedvi_label_confidence",
-    "scfedvi_label_novelty",
-)
 #: The metadata file of a saved scANVI model (the rest as :mod:`scfedvi._saved`).
 CONFIG_FILE = "annotate.json"
-
-
-@dataclass(frozen=True)
-class AnnotateConfig:
-    """Settings of federated scANVI (on top of the scFedVI run's :class:`RunConfig`).
-
-    Parameters
-    ----------
-    unlabeled_category
-        The label value of unlabelled cells (scvi-tools' ``unlabeled_category``).
-    classification_ratio
-        Weight of the classifier's cross-entropy (scvi-tools: 50).
-    linear_classifier
-        A linear classifier instead of scvi-tools' one-hidden-layer MLP.
-    n_rounds, local_epochs
-        Federated rounds and local epochs per round: 10 x 2 = 20 epochs, twice scvi-tools'
-        epochs for a scANVI model initialised from a trained scVI model on fewer than 20,000
-        cells (``min(10, max(2, round(max_epochs_heuristic / 3)))``), in twice the rounds.
-        Measured (benchmarks/label_transfer.py, 100 scVI epochs, seed 0, accuracy at the site
-        whose labels were hidden, 5 rounds -> 10): cortex 0.934 -> 0.950, 0.918 -> 0.942,
-        0.807 -> 0.872; pancreas 0.974 -> 0.987, 0.991 -> 0.994 (docs/annotate.md).
-    confidence_threshold
-        Cells whose top label probability is below this get ``unlabeled_category`` in
-        ``obs['scfedvi_label']`` (their probability is still written): cells between labels.
-    classifier_stats
-        The classifier's BatchNorm statistics at prediction: ``"pooled"``, those of the latent
-        codes of all the federation's cells (from each site's count, sum and sum of outer
-        products of its codes, a 10 x 10 summary sent once after training), the same at every
-        site; ``"site"``, each site's own. Measured (cortex, 100 scVI epochs, seed 0, the
-        labels of the STRT-seq site hidden): accuracy at that site 0.679 with its own
-        statistics, 0.807 with the pooled ones: a site's own statistics re-centre its codes
-        and move them across the decision boundaries learnt on the labelled sites
-        (docs/annotate.md).
-    novelty_ratio
-        Cells whose squared latent distance to their predicted label's centroid exceeds this
-        many times that label's mean squared distance (``obs['scfedvi_label_novelty']``) also
-        get ``unlabeled_category``: a population that no site labelled is not given a label it
-        does not have (a softmax is confident far from its training cells, so the probability
-        alone does not flag it). The centroids are pooled from each labelled site's per-label
-        sums of its cells' latent codes (labels with at least its policy's
-        ``min_cluster_cells`` cells), as balancing pools cluster sums.
-    """
-
-    unlabeled_category: str = "Unknown"
-    classification_ratio: float = 50.0
-    linear_classifier: bool = False
-    n_rounds: int = 10
-    local_epochs: int = 2
-    confidence_threshold: float = 0.5
-    novelty_ratio: float = 4.0
-    classifier_stats: str = "pooled"
-
-    def __post_init__(self) -> None:
-        if self.classifier_stats not in ("pooled", "site"):
-            raise ValueError(
-                f"AnnotateConfig.classifier_stats must be 'pooled' or 'site', got "
-                f"{self.classifier_stats!r}"
-            )
-        if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ValueError(
-                "AnnotateConfig.confidence_threshold must be in [0, 1], got "
-                f"{self.confidence_threshold}"
-            )
-        if self.novelty_ratio <= 0:
-            raise ValueError(f"AnnotateConfig.novelty_ratio must be > 0, got {self.novelty_ratio}")
 
 
 class ScFedANVI:
@@ -155,6 +93,8 @@ class ScFedANVI:
         self.init_params: Params | None = None
         self.history = pd.DataFrame()
         self._balance: list[Any] = []
+        #: the sites' privacy policy (as :class:`~scfedvi.model.ScFedVI`'s; ``None``: default)
+        self.policy: Any = None
         #: each label's latent centroid and mean squared distance to it (after training)
         self.label_centroids: tuple[np.ndarray, np.ndarray] | None = None
         #: mean and covariance of all sites' latent codes (the classifier's statistics)
@@ -206,99 +146,90 @@ class ScFedANVI:
         label_key = label_key or model.schema.label_key
         if label_key is None:
             raise ValueError("the scFedVI model has no label column: pass label_key=")
-        counts = {
-            s: site_label_counts(
-                a, site=s, label_key=label_key, unlabeled_category=unlabeled_category
+        policy = getattr(model, "policy", None)
+        counts = {  # the setup of the scANVI stage: each site's label counts, in its policy
+            s: answer_labels(
+                a,
+                site=s,
+                label_key=label_key,
+                unlabeled_category=unlabeled_category,
+                policy=_own_policy(policy, s, model.schema.label_key),
             )
             for s, a in sites.items()
         }
-        known = harmonize_labels(counts, label_key=label_key, unlabeled_category=unlabeled_category)
-        schema = replace(model.schema, labels=(*known, unlabeled_category), label_key=label_key)
+        schema = label_schema(
+            counts, model.schema, label_key=label_key, unlabeled_category=unlabeled_category
+        )
         cfg = replace(annotate or AnnotateConfig(), unlabeled_category=unlabeled_category)
         out = cls(schema, model.config, cfg, sites, layer=model.layer)
+        out.policy = policy
         out.init_params = dict(model.params)
         return out
 
-    def _label_index(self, sd: SiteData) -> np.ndarray:
-        if sd.labels is None:
-            return np.full(len(sd.batch_index), -1, dtype=np.int64)
-        idx = pd.Index(self.labels).get_indexer(sd.labels.astype(str))
-        return idx.astype(np.int64)  # the unlabelled category (and only it) maps to -1
+    def new_module(self, n_batches: int | None = None) -> SCANVAE:
+        """A freshly initialised scANVI module of this model's schema (``n_batches``: with
+        that many batches, for a site that joins later)."""
+        return new_module(self.schema, self.config, self.annotate, n_batches)
 
-    def _module(self, n_batches: int | None = None) -> SCANVAE:
-        a = self.annotate
-        return SCANVAE(
-            self.schema.n_genes,
-            n_batches or self.schema.n_batches,
-            self.n_labels,
-            self.config.model,
-            linear_classifier=a.linear_classifier,
-            classification_ratio=a.classification_ratio,
-        )
+    @property
+    def balance_steps(self) -> list[Any]:
+        """The composition-balancing steps of the trained model (empty: none)."""
+        return list(self._balance)
+
+    def set_balance_steps(self, steps: Sequence[Any]) -> None:
+        """Use ``steps`` as the model's balancing steps (a query model: the reference's)."""
+        self._balance = list(steps)
 
     def _worker(
         self, name: str, sd: SiteData, labels: bool = True, config: RunConfig | None = None
     ) -> AnnotateSite:
-        a = self.annotate
-        data = LabelledSiteTensors(
-            sd.X, sd.batch_index, labels=self._label_index(sd) if labels else None
-        )
-        return AnnotateSite(
+        from scfedvi.privacy.policy import site_policy
+
+        return annotate_worker(
             name,
-            data,
-            self.schema.n_genes,
-            self.schema.n_batches,
-            self.n_labels,
+            sd,
+            self.schema,
             config or self.config,
-            linear_classifier=a.linear_classifier,
-            classification_ratio=a.classification_ratio,
+            self.annotate,
+            labels=labels,
+            policy=site_policy(self.policy, name) if name in self._site_data else None,
         )
 
     # -- training ----------------------------------------------------------------------------
     def train_config(self) -> RunConfig:
         """The run's configuration with scANVI's rounds and local epochs."""
-        a, c = self.annotate, self.config
-        return replace(
-            c,
-            train=replace(c.train, local_epochs=a.local_epochs, local_steps=None),
-            federation=replace(c.federation, n_rounds=a.n_rounds),
-        )
+        return annotate_run_config(self.config, self.annotate)
 
     def train(self) -> pd.DataFrame:
-        """Federated scANVI rounds in process (``annotate.n_rounds``); the history."""
-        from scfedvi.federation.balance import balance_in_process
-
+        """Federated scANVI in process (``annotate.n_rounds`` rounds, balancing, the label
+        centroids and latent moments): :func:`~scfedvi.annotate.protocol.train_annotate`, the
+        orchestration the Flower app runs too; the history."""
         if not self._site_data:
             raise ValueError("this model has no sites to train on; build it with from_scfedvi")
         if self.init_params is None:
             raise RuntimeError("no initial weights: build the model with ScFedANVI.from_scfedvi")
         cfg = self.train_config()
         workers = [self._worker(n, sd, config=cfg) for n, sd in self._site_data.items()]
-        coord = LabelCoordinator(
-            self.schema.n_genes, self.schema.n_batches, cfg, schema_hash=self.schema.hash
+        n_cells = {w.name: w.data.n_cells for w in workers}
+        trained = train_annotate(
+            InProcessAnnotate(workers, cfg),
+            self.schema,
+            self.init_params,
+            self.config,
+            self.annotate,
+            n_cells,
         )
-        torch.manual_seed(cfg.federation.seed)
-        module = self._module()
-        set_state(module, {k: v for k, v in self.init_params.items() if k in module.state_dict()})
-        _use_module(coord, module, cfg)
-        for r in range(cfg.federation.n_rounds):
-            params, control = coord.broadcast()
-            coord.aggregate([w.fit(params, r, control) for w in workers])
-        self.params = coord.params
-        self.history = pd.DataFrame(coord.history)
-        self._balance = (
-            balance_in_process(workers, self.params, cfg) if cfg.balance_clusters else []
-        )
-        summaries, moments = [], []
-        for w in workers:  # sums of each site's codes, and per label of its labelled cells
-            z, min_cells = w.embed(self.params, self._balance), w.policy.min_cluster_cells
-            moments.append(latent_moments(z, min_cells))
-            labels = w.labelled_data.labels
-            if labels is not None and (labels >= 0).any():
-                summaries.append(label_summary(z, labels, self.n_labels, min_cells))
-        self.label_centroids = label_centroids(summaries) if summaries else None
-        self.latent_moments = pooled_moments(moments)
+        self.use_trained(trained)
         return self.history
+
+    def use_trained(self, trained: Any) -> None:
+        """Take the result of :func:`~scfedvi.annotate.protocol.train_annotate` (either
+        runtime's) as this model's weights, balancing, centroids and moments."""
+        self.params = trained.params
+        self.history = pd.DataFrame(trained.history)
+        self._balance = list(trained.balance)
+        self.label_centroids = trained.label_centroids
+        self.latent_moments = trained.latent_moments
 
     # -- prediction --------------------------------------------------------------------------
     def _site_worker(
@@ -330,44 +261,16 @@ class ScFedANVI:
             self.params, self._balance, self.latent_moments if pooled else None
         )
         if write:
-            rows = adata.obs_names.get_indexer(sd.obs_names)
-            zf = np.full((adata.n_obs, z.shape[1]), np.nan, dtype=z.dtype)
-            zf[rows] = z
-            conf = np.full(adata.n_obs, np.nan)
-            conf[rows] = probs.max(1)
-            lab = np.full(adata.n_obs, self.annotate.unlabeled_category, dtype=object)
-            best = np.asarray(self.labels, dtype=object)[probs.argmax(1)]
-            ok = probs.max(1) >= self.annotate.confidence_threshold
-            lab[rows[ok]] = best[ok]
-            novel = np.zeros(len(ok), dtype=bool)
-            ratio = np.full(adata.n_obs, np.nan)
-            if self.label_centroids is not None:
-                r = novelty(z, probs.argmax(1), *self.label_centroids)
-                ratio[rows] = r
-                novel = r > self.annotate.novelty_ratio  # NaN (no centroid): not judged
-                lab[rows[novel]] = self.annotate.unlabeled_category
-            adata.obs[NOVELTY_KEY] = ratio
-            adata.obsm[LATENT_KEY] = zf
-            adata.obs[LABEL_KEY] = pd.Categorical(
-                lab, categories=[*self.labels, self.annotate.unlabeled_category]
+            write_predictions(
+                adata,
+                sd.obs_names,
+                z,
+                probs,
+                labels=self.labels,
+                annotate=self.annotate,
+                centroids=self.label_centroids,
+                site=sd.site,
             )
-            adata.obs[CONFIDENCE_KEY] = conf
-            n_low, n_novel = int((~ok).sum()), int((novel & ok).sum())
-            if n_low or n_novel:
-                log.warning(
-                    "site %r: of %d cells, %d have a top label probability below %.2f and %d "
-                    "more lie over %.1f times their label's mean squared distance from its "
-                    "centroid (obs[%r]): labelled %r in obs[%r]",
-                    sd.site,
-                    len(ok),
-                    n_low,
-                    self.annotate.confidence_threshold,
-                    n_novel,
-                    self.annotate.novelty_ratio,
-                    NOVELTY_KEY,
-                    self.annotate.unlabeled_category,
-                    LABEL_KEY,
-                )
         return z, probs
 
     def predict(
@@ -449,54 +352,6 @@ class ScFedANVI:
         )
 
 
-class LabelCoordinator(Coordinator):
-    """The coordinator of federated scANVI: as scFedVI's, but the classifier is label-owned.
-
-    The classifier's parameters are averaged over the sites weighted by their labelled
-    training cells (the ``labelled_cells`` count each site reports), as batch-owned columns
-    are averaged over the sites holding the batch: a site without labels does not pull the
-    classifier back towards the round's start. Only with plain FedAvg and without DP (whose
-    noised average is kept as it is).
-    """
-
-    def aggregate(self, updates: Sequence[SiteUpdate], dropped: Sequence[str] = ()) -> None:
-        super().aggregate(updates, dropped)
-        if self.config.privacy.clip_norm is not None or self.server_opt.kind != "fedavg":
-            return
-        kept, _ = reject_invalid(updates)
-        w = np.array([u.metrics.get("labelled_cells", 0.0) for u in kept], dtype=np.float64)
-        if w.sum() <= 0:
-            return
-        w /= w.sum()
-        for k in self.keys:
-            if k.startswith("classifier.") and np.issubdtype(self.params[k].dtype, np.floating):
-                avg = sum(
-                    wi * np.asarray(u.params[k], np.float64) for wi, u in zip(w, kept, strict=True)
-                )
-                self.params[k] = np.asarray(avg, dtype=self.params[k].dtype)
-
-
-def scanvi_batch_owned(module: SCANVAE) -> dict[str, tuple[int, int]]:
-    """The batch-owned columns of scVI's layers (the label one-hot columns of the ``z2`` layers
-    belong to no batch)."""
-    label = set(label_layer_keys(module))
-    return {k: v for k, v in batch_owned_columns(module).items() if k not in label}
-
-
-def _use_module(coord: Any, module: SCANVAE, cfg: RunConfig) -> None:
-    """Point a coordinator built for scVI at the scANVI module and its initial weights."""
-    full = get_state(module)
-    # the fixed prior p(y) never travels (DP noise would leave it no distribution)
-    coord.keys = [k for k in shared_keys(module, cfg.federation.norm_stats) if k != "y_prior"]
-    coord.params = {k: full[k] for k in coord.keys}
-    coord.initial_local = {k: v for k, v in full.items() if k not in set(coord.keys)}
-    coord.batch_owned = scanvi_batch_owned(module) if cfg.federation.batch_owned else {}
-    if coord.control is not None:
-        coord.control = {
-            n: np.zeros(tuple(p.shape), np.float32) for n, p in module.named_parameters()
-        }
-
-
 def project_new_site(
     adata: ad.AnnData,
     schema: FederationSchema,
@@ -526,3 +381,64 @@ def project_new_site(
     if unseen:
         sd.batch_index[sd.batch_index >= schema.n_batches] = 0
     return sd
+
+
+def _own_policy(policy: Any, site: str, own_label_key: str | None) -> Any:
+    """The site's policy with the scFedVI run's label key as its own (``None``: the
+    default policy, with the asked label key as the site's own)."""
+    from scfedvi.privacy.policy import site_policy
+
+    if policy is None:
+        return None
+    return site_policy(policy, site).allowing_label_key(own_label_key)
+
+
+def annotate_worker(
+    name: str,
+    sd: SiteData,
+    schema: FederationSchema,
+    config: RunConfig,
+    annotate: AnnotateConfig,
+    *,
+    labels: bool = True,
+    policy: Any = None,
+) -> AnnotateSite:
+    """A site of federated scANVI on its projected data (``labels``: with its labels as the
+    schema's indices, the unlabelled category ``-1``)."""
+    assert schema.labels is not None
+    known = schema.labels[:-1]
+    index = None
+    if labels and sd.labels is not None:
+        index = pd.Index(known).get_indexer(sd.labels.astype(str)).astype(np.int64)
+    return AnnotateSite(
+        name,
+        LabelledSiteTensors(sd.X, sd.batch_index, labels=index),
+        schema.n_genes,
+        schema.n_batches,
+        len(known),
+        config,
+        linear_classifier=annotate.linear_classifier,
+        classification_ratio=annotate.classification_ratio,
+        policy=policy,
+    )
+
+
+class InProcessAnnotate(InProcessRounds):
+    """The in-process transport of :func:`~scfedvi.annotate.protocol.train_annotate`: each
+    site's worker called directly (rounds as :class:`InProcessRounds`)."""
+
+    def __init__(self, workers: Sequence[AnnotateSite], config: RunConfig) -> None:
+        work = {w.name: (config.train.local_epochs, None) for w in workers}
+        super().__init__(None, workers, None, work, None)  # type: ignore[arg-type]
+        self.workers, self.config = list(workers), config
+
+    def start(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+
+    def balance(self, params: Params) -> list[Any]:
+        from scfedvi.federation.balance import balance_in_process
+
+        return balance_in_process(self.workers, params, self.config)
+
+    def summaries(self, params: Params, steps: Sequence[Any]) -> list[Summary]:
+        return [answer_summary(w, params, steps, w.n_labels) for w in self.workers]

@@ -37,7 +37,7 @@ def extend_batches(model: ScFedANVI, new: tuple[str, ...], seed: int = 0) -> dic
     assert model.params is not None
     n_old = model.schema.n_batches
     torch.manual_seed(seed)
-    module = model._module(n_old + len(new))
+    module = model.new_module(n_old + len(new))
     fresh = get_state(module)
     out = {}
     owned = scanvi_batch_owned(module)
@@ -102,18 +102,18 @@ def load_query_data(
     sd = project(adata, plain, site=site, layer=model.layer, batch_size=2)
     params = extend_batches(model, new, seed)
     query = ScFedANVI(q_schema, model.config, model.annotate, layer=model.layer)
-    query._balance = model._balance
+    query.set_balance_steps(model.balance_steps)
     query.label_centroids = model.label_centroids
     query.latent_moments = model.latent_moments
-    module = query._module()
+    module = query.new_module()
     set_state(module, params)
     data = LabelledSiteTensors(sd.X, sd.batch_index)
     if model.config.local_batchnorm:  # the encoder's statistics: the site's own, then frozen
         from scfedvi.federation.balance import balanced_statistics
 
         calibrate_norm_stats(module, data)
-        if query._balance:
-            balanced_statistics(module, data, query._balance)
+        if query.balance_steps:
+            balanced_statistics(module, data, query.balance_steps)
     trained = [q_schema.batches.index(b) for b in (new or tuple(seen))]
     _train_columns(module, data, trained, n_epochs, lr or model.config.train.lr, seed, model)
     state = get_state(module)

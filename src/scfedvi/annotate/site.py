@@ -98,8 +98,11 @@ class AnnotateSite(SiteWorker):
         *,
         linear_classifier: bool = False,
         classification_ratio: float = 50.0,
+        policy: Any = None,
+        ledger: Any = None,
     ) -> None:
-        super().__init__(name, data, n_genes, n_batches, config)
+        super().__init__(name, data, n_genes, n_batches, config, policy=policy, ledger=ledger)
+        self.n_labels = n_labels
         self.module = SCANVAE(
             n_genes,
             n_batches,

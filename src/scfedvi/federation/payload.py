@@ -20,7 +20,11 @@ import numpy as np
 if TYPE_CHECKING:  # aggregate imports torch: a site's setup and balancing answers need none
     from scfedvi.federation.aggregate import SiteUpdate
 
-METRIC_KEYS = frozenset({"loss", "reconstruction", "kl", "validation_loss", "steps", "seconds"})
+#: (``labelled_cells``: federated scANVI's count of a site's labelled training cells, which
+#: weights the classifier's average, :class:`scfedvi.annotate.protocol.LabelCoordinator`)
+METRIC_KEYS = frozenset(
+    {"loss", "reconstruction", "kl", "validation_loss", "steps", "seconds", "labelled_cells"}
+)
 
 
 class PayloadViolation(AssertionError):

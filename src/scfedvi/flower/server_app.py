@@ -32,7 +32,7 @@ from scfedvi.federation.coordinator import CHECKPOINT, Coordinator
 from scfedvi.flower import messages as m
 from scfedvi.flower.exchange import Exchange
 from scfedvi.flower.progress import Progress, log_cache_rebuilds
-from scfedvi.flower.settings import AppSettings, run_config_from_flower
+from scfedvi.flower.settings import AppSettings, annotate_from_flower, run_config_from_flower
 from scfedvi.flower.setup import Federation, setup
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,12 @@ def main(grid: Grid, context: Context) -> None:
     write_result(out, {"status": "running", "run_id": int(context.run_id)})
     progress = Progress(cfg.federation.n_rounds, run_id=int(context.run_id))
     try:
-        result = run_federation(grid, cfg, settings, progress)
+        if settings.annotate_from:  # federated scANVI on a trained model: its own run
+            from scfedvi.flower.annotate import annotate_run
+
+            result = annotate_run(grid, cfg, settings, annotate_from_flower(context.run_config))
+        else:
+            result = run_federation(grid, cfg, settings, progress)
     except Exception as e:
         failure = {"error": f"{e}", **progress.failure()}
         log.error("the run failed (%s): %s", progress.stage, failure)
@@ -185,16 +190,25 @@ def train_content(coord: Coordinator, schema_hash: str, r: int) -> RecordDict:
 
 
 def train_round(
-    ex: Exchange, coord: Coordinator, fed: Federation, r: int, timeout: float
+    ex: Exchange,
+    coord: Coordinator,
+    fed: Federation,
+    r: int,
+    timeout: float,
+    message_type: str = m.TRAIN,
+    extra: Mapping[str, Any] | None = None,
 ) -> tuple[list[SiteUpdate], dict[str, str]]:
-    """One round at the sites: their updates (sorted by site) and ``{site: why}`` failures."""
+    """One round at the sites: their updates (sorted by site) and ``{site: why}`` failures
+    (``message_type`` and ``extra`` round-config entries: the scANVI stage's rounds,
+    :mod:`scfedvi.flower.annotate`)."""
     online = ex.online()
     failed = {s: "not connected" for n, s in fed.sites.items() if n not in online}
     targets = {n: train_content(coord, fed.schema.hash, r) for n in fed.sites if n in online}
     for n, rd in targets.items():  # each site's local work this round (the schedule)
         work = m.work_to_config(coord.work(fed.sites[n]))
-        rd[m.CONFIG] = m.round_config(fed.schema.hash, r, **work)
-    res = ex.ask(targets, m.TRAIN, timeout, group_id=str(r))
+        rd[m.CONFIG] = m.round_config(fed.schema.hash, r, **work, **(extra or {}))
+    group = str(r) if message_type == m.TRAIN else f"{message_type}-{r}"
+    res = ex.ask(targets, message_type, timeout, group_id=group)
     updates = []
     _log_rebuilds(f"round {r + 1}", fed, res.ok)  # 1-based, as the progress lines
     for node, reply in res.ok.items():

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig
+from scfedvi.config import (
+    AnnotateConfig,
+    FederationConfig,
+    ModelConfig,
+    PrivacyConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 _SECTIONS = {
     "model": ModelConfig,
@@ -24,6 +31,10 @@ _SECTIONS = {
     "privacy": PrivacyConfig,
 }
 _ALIASES = {"n_rounds": "num-server-rounds"}
+#: The scANVI stage's settings (:class:`~scfedvi.config.AnnotateConfig`) are run-config keys
+#: with this prefix (``local_epochs`` -> ``annotate-local-epochs``; ``n_rounds`` ->
+#: ``annotate-num-server-rounds``, as scFedVI's).
+ANNOTATE_PREFIX = "annotate-"
 
 
 def _key(field_name: str) -> str:
@@ -56,6 +67,12 @@ class AppSettings:
         (sorted by name).
     sim_state_dir
         Simulation engine: folder of the sites' private state (default: ``<out-dir>/sites``).
+    annotate_from, annotate_label_key
+        With ``annotate-from`` (a trained run's ``model`` folder, as ``scfedvi annotate
+        --model``) the run is federated scANVI on that model with the label column
+        ``annotate-label-key`` (:mod:`scfedvi.flower.annotate`; its settings: the
+        ``annotate-*`` keys of :class:`~scfedvi.config.AnnotateConfig`); each site's policy
+        must allow the column.
     """
 
     out_dir: str = "scfedvi-flower-out"
@@ -71,6 +88,8 @@ class AppSettings:
     payload_log: str = ""
     sim_data_dir: str = ""
     sim_state_dir: str = ""
+    annotate_from: str = ""
+    annotate_label_key: str = ""
 
     @property
     def out_path(self) -> Path:
@@ -110,6 +129,17 @@ def run_config_from_flower(run_config: Mapping[str, Any]) -> tuple[RunConfig, Ap
     return RunConfig(**parts), _load(AppSettings, run_config)
 
 
+def annotate_from_flower(run_config: Mapping[str, Any]) -> AnnotateConfig:
+    """The scANVI stage's settings from the ``annotate-*`` run-config keys."""
+    n = len(ANNOTATE_PREFIX)
+    own = {
+        k[n:]: v
+        for k, v in run_config.items()
+        if k.startswith(ANNOTATE_PREFIX) and k not in ("annotate-label-key", "annotate-from")
+    }
+    return _load(AnnotateConfig, own)
+
+
 def _flat(obj: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(obj):
@@ -128,6 +158,7 @@ def default_run_config(**overrides: Any) -> dict[str, Any]:
     for name in _SECTIONS:
         out.update(_flat(getattr(cfg, name)))
     out.update(_flat(AppSettings()))
+    out.update({ANNOTATE_PREFIX + k: v for k, v in _flat(AnnotateConfig()).items()})
     for k, v in overrides.items():
         key = k.replace("_", "-")
         if key not in out:
