@@ -140,6 +140,35 @@ def test_keys_replayed_from_another_round_or_run_are_refused(salt, r):
     new["c"].shares(_roster({**keys, "b": new["b"].keys()}, 2))  # this round's keys: accepted
 
 
+def test_survivor_signatures_from_a_run_with_the_same_salt_and_round_are_refused():
+    """A coordinator that reuses a salt and a round index in a new run holds the earlier
+    run's signatures over the survivor set; they are bound to that run's roster of fresh
+    keys, so they do not verify in the new one."""
+    ids = make_identities(["a", "b", "c"])
+    everyone = sorted(ids)
+
+    def to_consistency() -> dict[str, SiteSession]:
+        sess = {s: SiteSession(s, RUN, R, ids[s]) for s in everyone}
+        keys = {s: x.keys() for s, x in sess.items()}
+        shares = {s: x.shares(_roster(keys, 2)) for s, x in sess.items()}
+        for s in everyone:
+            senders = [j for j in everyone if j != s]
+            cts = [shares[j]["ciphertexts"][shares[j]["to"].index(s)] for j in senders]
+            sess[s].masked(quantize(_update(), C, 1), {"senders": senders, "ciphertexts": cts})
+        return sess
+
+    first = to_consistency()
+    old = {s: first[s].consistency({"survivors": everyone})["sig"] for s in everyone}
+    second = to_consistency()  # same salt, same round: a new run
+    own = second["a"].consistency({"survivors": everyone})["sig"]
+    req = {"survivors": everyone, "signers": everyone, "sigs": [own, old["b"], old["c"]]}
+    with pytest.raises(PolicyRefusal, match="1 valid roster signatures"):
+        second["a"].unmask(req)
+    new = [second[s].consistency({"survivors": everyone})["sig"] for s in ("b", "c")]
+    rep = second["a"].unmask({**req, "sigs": [own, *new]})  # this run's signatures: answered
+    assert rep["kinds"] == ["seed"] * 3
+
+
 # -- (b) different survivor sets told to different sites ------------------------------------
 #: Five sites, threshold 3 (a majority, which every site accepts). Site s0 is told that only
 #: s1 and s2 sent shares, so it masks with them only; then each site is told another set of

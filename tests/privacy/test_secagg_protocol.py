@@ -17,6 +17,7 @@ from scfedvi.privacy.secagg_protocol import (
     SHARES,
     UNMASK,
     SecAggError,
+    roster_digest,
     secure_sum,
     survivor_set,
     threshold_for,
@@ -162,7 +163,8 @@ def test_a_site_refuses_to_reveal_for_a_second_survivor_set():
     # (a session whose signed set was changed, with valid signatures over the new set)
     short = ["site-0", "site-2"]
     sessions["site-0"].signed = short
-    sigs = [sessions[s].identity.sign(survivor_set(RUN, 3, short)) for s in short]
+    digest = roster_digest(sessions["site-0"].roster)
+    sigs = [sessions[s].identity.sign(survivor_set(RUN, 3, short, digest)) for s in short]
     with pytest.raises(PolicyRefusal, match="both the seed share and the key share"):
         sessions["site-0"].unmask({"survivors": short, "signers": short, "sigs": sigs})
 

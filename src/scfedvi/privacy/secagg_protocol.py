@@ -145,9 +145,21 @@ def advertised(run_id: bytes, r: int, site: str, mask_pk: bytes, enc_pk: bytes) 
     return signed_bytes("keys", run_id, r, site, mask_pk, enc_pk)
 
 
-def survivor_set(run_id: bytes, r: int, survivors: list[str]) -> bytes:
-    """The bytes a site signs in stage 4: the sorted survivor set, bound to the round."""
-    return signed_bytes("survivors", run_id, r, *sorted(survivors))
+def roster_digest(roster: Mapping[str, tuple[bytes, bytes]]) -> bytes:
+    """SHA-256 of the round's roster (``{site: (mask_pk, enc_pk)}``, the keys of stage 2):
+    fresh keys every round, so it ties a signature to this round of this run even if the
+    coordinator reuses a salt."""
+    parts = [x for s in sorted(roster) for x in (s, *roster[s])]
+    h = hashes.Hash(hashes.SHA256())
+    h.update(signed_bytes("roster", *parts))
+    return h.finalize()
+
+
+def survivor_set(run_id: bytes, r: int, survivors: list[str], digest: bytes) -> bytes:
+    """The bytes a site signs in stage 4: the sorted survivor set, bound to the round and to
+    the round's roster (:func:`roster_digest`, the same for every site an honest coordinator
+    sends the roster to)."""
+    return signed_bytes("survivors", run_id, r, digest, *sorted(survivors))
 
 
 # -- the coordinator ---------------------------------------------------------------------------

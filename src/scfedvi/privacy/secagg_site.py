@@ -42,6 +42,7 @@ from scfedvi.privacy.secagg_protocol import (
     min_threshold,
     pair_mask,
     public_bytes,
+    roster_digest,
     self_mask,
     share_cipher,
     survivor_set,
@@ -231,8 +232,10 @@ class SiteSession:
 
     def consistency(self, p: Payload) -> Payload:
         """Stage 4: ``p["survivors"]``: the sites whose masked update the coordinator holds.
-        Checks the set as :meth:`unmask` will and signs it (bound to this round); a site signs
-        one survivor set per round (asked again for the same set, it signs it again)."""
+        Checks the set as :meth:`unmask` will and signs it, bound to this round and to the
+        round's roster of keys it received (a signature from another run, or over another
+        roster, does not verify); a site signs one survivor set per round (asked again for
+        the same set, it signs it again)."""
         if self.stage not in (MASKED, CONSISTENCY):
             raise self._refuse(
                 f"asked to sign the survivors while at {self.stage!r}", "run the stages in order"
@@ -245,7 +248,7 @@ class SiteSession:
                 "a round has one survivor set",
             )
         self.stage, self.signed = CONSISTENCY, alive
-        msg = survivor_set(self.run_id, self.round_idx, alive)
+        msg = survivor_set(self.run_id, self.round_idx, alive, roster_digest(self.roster))
         return {"sig": self.identity.sign(msg)}
 
     def _check_survivors(self, alive: set[str]) -> None:
@@ -283,7 +286,7 @@ class SiteSession:
                 "unmask the survivor set the sites signed",
             )
         self._check_survivors(alive)
-        msg = survivor_set(self.run_id, self.round_idx, self.signed)
+        msg = survivor_set(self.run_id, self.round_idx, self.signed, roster_digest(self.roster))
         signers = [str(s) for s in p.get("signers") or []]
         sigs = list(p.get("sigs") or [])
         valid = {
