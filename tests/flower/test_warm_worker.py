@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,8 +38,7 @@ def site(site_files: SiteFiles, tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("warm")
     data = d / "site-a.h5ad"
     shutil.copy(site_files.paths["site-a"], data)
-    sites = {s: ad.read_h5ad(p) for s, p in sorted(site_files.paths.items())}
-    schema = harmonize(sites, batch_key="batch", n_top_genes=N_TOP)
+    schema = harmonize({"site-a": ad.read_h5ad(data)}, batch_key="batch", n_top_genes=N_TOP)
     node_config = {"site": "site-a", "data-path": str(data), "state-dir": str(d / "state")}
     rc = default_run_config() | flower_run_config(d / "out")
     content = {m.CONFIG: ConfigRecord({"schema": schema.to_json(), SCHEMA_HASH: schema.hash})}
@@ -116,6 +114,7 @@ def test_warm_reply_equals_the_cold_reply_and_the_worker_ends_with_the_run(site)
     assert hot.metadata.reply_to_message_id == msg.metadata.message_id
 
     # a fresh process (as Flower starts per message) hands its message over: no torch in it
+    on = {**node_config, "warm-worker": "true"}
     code = f"""
 import sys
 from flwr.app import Context, RecordDict
@@ -124,7 +123,7 @@ from flwr.proto.message_pb2 import Message as P
 from scfedvi.flower import client_app, warm
 warm.supernode_pid = lambda: {os.getpid()}
 msg = message_from_proto(P.FromString(open(sys.argv[1], "rb").read()))
-ctx = Context(run_id={RUN}, node_id=1, node_config={node_config!r}, state=RecordDict(),
+ctx = Context(run_id={RUN}, node_id=1, node_config={on!r}, state=RecordDict(),
               run_config={rc!r})
 reply = client_app.train(msg, ctx)
 assert reply.has_content(), reply
@@ -267,40 +266,38 @@ def test_a_dead_worker_is_restarted_once_then_the_site_answers_cold(tmp_path, mo
             p.wait()
 
 
-def test_the_worker_exits_when_its_supernode_is_gone_or_idle(site, tmp_path):
-    """No orphans: a worker whose SuperNode ends exits, and so does one left idle."""
-    node_config, rc, schema, _ = site
-    nodes = {}
-    for name, idle in (("gone", 600), ("idle", 2)):
-        cfg = {**node_config, "state-dir": str(tmp_path / name), "warm-worker-idle": idle}
-        supernode = subprocess.Popen(["sleep", "600"])
-        warm.ask(
-            "train",
-            _train_message(schema),
-            _ctx(cfg, rc),
-            "site-a",
-            tmp_path / name,
-            watch=supernode.pid,
-        )
-        rec = warm.WorkerFiles.for_run(tmp_path / name, "site-a", RUN).read_record()
-        nodes[name] = (supernode, rec)
+def test_the_worker_exits_when_its_supernode_is_gone_or_idle(tmp_path):
+    """No orphans: the worker's loop (here in a thread of this process, which has its imports
+    already) ends when the process it watches (its SuperNode) ends, and when left idle; each
+    removes its socket, token and record."""
+    from scfedvi.flower import site_worker
+
+    supernode = subprocess.Popen(["sleep", "600"])
+    cases = {"gone": (600.0, supernode.pid), "idle": (1.0, os.getpid())}
+    threads, why = {}, {}
     try:
-        gone, rec = nodes["gone"]
-        gone.kill()
-        gone.wait()
-        for _, rec in nodes.values():
-            _wait(lambda rec=rec: not warm.alive(rec["pid"], rec["ticks"]), 90, "a worker runs")
-        for name in nodes:
-            files = warm.WorkerFiles.for_run(tmp_path / name, "site-a", RUN)
-            assert files.read_record() is None, files.log.read_text()
-            log = files.log.read_text()
-            assert ("SuperNode is gone" if name == "gone" else "no message for 2 s") in log
+        for name, (idle, watch) in cases.items():
+            files = _planted(tmp_path / name, os.getpid())
+            args = (files, RUN, idle, watch, warm.start_ticks(watch))
+            threads[name] = threading.Thread(
+                target=lambda n=name, a=args: why.__setitem__(n, site_worker.run(*a)), daemon=True
+            )
+            threads[name].start()
+            _wait(files.sock.exists, 30, "the worker does not listen")
+        time.sleep(1.5)
+        assert threads["gone"].is_alive()  # its SuperNode still runs
+        supernode.kill()
+        supernode.wait()
+        for t in threads.values():
+            t.join(10)
+        assert why == {"gone": "its SuperNode is gone", "idle": "no message for 1 s"}
+        for name in cases:
+            files = warm.WorkerFiles.for_run(tmp_path / name / "state", "site-a", RUN)
+            assert not files.sock.exists() and not files.token.exists()
+            assert files.read_record() is None
     finally:
-        for p, rec in nodes.values():
-            p.kill()
-            p.wait()
-            if warm.alive(rec["pid"], rec["ticks"]):
-                os.kill(rec["pid"], signal.SIGKILL)
+        supernode.kill()
+        supernode.wait()
 
 
 def test_node_config_switch_and_bad_values(site):
@@ -315,11 +312,13 @@ def test_node_config_switch_and_bad_values(site):
     )
     assert reply.has_error() and "warm-worker='maybe': give 'true' or 'false'" in reply.error.reason
     reply = client_app.train(
-        _train_message(schema), _ctx({**node_config, "warm-worker-idle": "x"}, rc)
+        _train_message(schema),
+        _ctx({**node_config, "warm-worker": "true", "warm-worker-idle": "x"}, rc),
     )
     assert reply.has_error() and "warm-worker-idle='x'" in reply.error.reason
     assert warm.supernode_pid() is None  # pytest is not under a SuperNode: cold, no worker
     before = set(Path(node_config["state-dir"]).glob("warm/*.json"))
-    assert client_app.train(_train_message(schema), _ctx(node_config, rc)).has_content()
+    on = {**node_config, "warm-worker": "true"}
+    assert client_app.train(_train_message(schema), _ctx(on, rc)).has_content()
     assert set(Path(node_config["state-dir"]).glob("warm/*.json")) == before
     np.testing.assert_equal(warm.DEFAULT_IDLE_S > 0, True)

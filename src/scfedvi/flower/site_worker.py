@@ -159,26 +159,33 @@ def serve(files: warm.WorkerFiles, run_id: int, idle: float, watch: int, ticks: 
                 return "the run's final message was answered"
 
 
+def run(files: warm.WorkerFiles, run_id: int, idle: float, watch: int, ticks: int) -> str:
+    """:func:`serve`, then remove the worker's files on a clean exit (the next message starts
+    a new worker). A crash leaves its record, so that the next ClientApp sees a dead worker
+    (started again once)."""
+    try:
+        why = serve(files, run_id, idle, watch, ticks)
+    except SystemExit:
+        why = "stopped (SIGTERM)"
+    except BaseException:
+        log.exception("worker %d of run %s failed", os.getpid(), run_id)
+        files.sock.unlink(missing_ok=True)
+        raise
+    rec = files.read_record()
+    if rec is not None and rec.get("pid") == os.getpid():
+        files.remove()
+    log.info("worker %d of run %s exits: %s", os.getpid(), run_id, why)
+    return why
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    directory, stem, run_id, idle, watch, ticks = args
+    directory, stem, run_id, idle, watch, ticks = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     files = warm.WorkerFiles(Path(directory), stem)
-    try:
-        why = serve(files, int(run_id), float(idle), int(watch), int(ticks))
-    except BaseException as e:
-        if not isinstance(e, SystemExit):  # a crash: the record stays, so the next
-            log.exception("worker %d of run %s failed", os.getpid(), run_id)  # ClientApp
-            files.sock.unlink(missing_ok=True)  # sees a dead worker (restarted once)
-            raise
-        why = "stopped (SIGTERM)"
-    rec = files.read_record()
-    if rec is not None and rec.get("pid") == os.getpid():
-        files.remove()  # a clean exit: the next message starts a new worker
-    log.info("worker %d of run %s exits: %s", os.getpid(), run_id, why)
+    run(files, int(run_id), float(idle), int(watch), int(ticks))
     return 0
 
 

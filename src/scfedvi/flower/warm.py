@@ -392,6 +392,12 @@ def _exchange(files: WorkerFiles, rec: dict[str, Any], handler: str, msg: Any, c
         body = recv_frame(conn) if head.get("status") == "content" else b""
     for name, level, text in head.get("logs", []):
         logging.getLogger(str(name)).log(int(level), "%s", text)
+    log.info(
+        "%s answered by the site's warm worker (pid %s) in %.2f s",
+        msg.metadata.message_type,
+        rec.get("pid"),
+        float(head.get("seconds", float("nan"))),
+    )
     if head.get("status") == "error":
         return Message(Error(code=int(head["code"]), reason=str(head["reason"])), reply_to=msg)
     if head.get("status") != "content":
