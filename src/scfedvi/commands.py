@@ -39,14 +39,16 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read(path: str, site: str | None = None):
+def read_input(path: str, site: str | None = None):
     """A site's .h5ad; a file that is not one is an error naming the site and the path."""
     from scfedvi.data.loaders import read_site_h5ad
 
     return read_site_h5ad(path, site)
 
 
-def _sites(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
+def read_sites(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
+    """The sites of ``--site NAME=PATH`` (or ``--input``: ``{"__one__": adata}``) and their
+    paths."""
     if args.site and args.input:
         raise ValueError(
             "give sites either as --site NAME=PATH (repeatable) or as --input with --split-key"
@@ -54,7 +56,7 @@ def _sites(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
     if args.input:
         if not args.split_key:
             raise ValueError("--input needs --split-key, the obs column naming each cell's site")
-        return {"__one__": _read(args.input)}, {"__one__": Path(args.input)}
+        return {"__one__": read_input(args.input)}, {"__one__": Path(args.input)}
     if not args.site:
         raise ValueError(
             "no sites: pass --site NAME=PATH for each site, or --input FILE --split-key KEY"
@@ -66,7 +68,7 @@ def _sites(args: argparse.Namespace) -> tuple[dict, dict[str, Path]]:
             raise ValueError(f"--site {spec!r}: expected NAME=PATH, e.g. --site lab-a=lab_a.h5ad")
         if name in sites:
             raise ValueError(f"--site {name!r} given twice; site names must be unique")
-        sites[name], paths[name] = _read(path, name), Path(path)
+        sites[name], paths[name] = read_input(path, name), Path(path)
     return sites, paths
 
 
@@ -74,7 +76,7 @@ def train(args: argparse.Namespace) -> int:
     from scfedvi.model import ScFedVI
 
     out = Path(args.out)
-    sites, inputs = _sites(args)
+    sites, inputs = read_sites(args)
     cfg = RunConfig()
     fed = cfg.federation
     fed = replace(fed, seed=args.seed, n_rounds=args.rounds or fed.n_rounds)
@@ -123,7 +125,7 @@ def train(args: argparse.Namespace) -> int:
             config=cfg,
         )
     targets = [out / f"{name}.h5ad" for name in model.sites]
-    _check_outputs(
+    check_outputs(
         [*targets, out / "history.csv", out / "model" / "model.npz"],
         inputs.values(),
         args.overwrite,
@@ -201,12 +203,12 @@ def embed(args: argparse.Namespace) -> int:
 
         return embed_predict(args)
     out = Path(args.out)
-    _check_outputs([out], [Path(args.input)], args.overwrite)
+    check_outputs([out], [Path(args.input)], args.overwrite)
     model = ScFedVI.load(args.model)
     if args.layer is not None:
         model.layer = args.layer or None  # --layer '' : X
     site = args.site or Path(args.input).stem
-    adata = _read(args.input, site)
+    adata = read_input(args.input, site)
     z = model.get_latent_representation(adata, site=site)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
@@ -220,7 +222,8 @@ def annotate(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _check_outputs(targets, inputs, overwrite: bool) -> None:
+def check_outputs(targets, inputs, overwrite: bool) -> None:
+    """Refuse to write over an input, or over an existing output without ``--overwrite``."""
     ins = {os.path.realpath(p) for p in inputs}
     for t in targets:
         if os.path.realpath(t) in ins:
@@ -232,7 +235,7 @@ def _check_outputs(targets, inputs, overwrite: bool) -> None:
 def flower(args: argparse.Namespace) -> int:
     from scfedvi.flower.settings import write_app_dir
 
-    _check_outputs([Path(args.dir) / "pyproject.toml"], [], args.overwrite)
+    check_outputs([Path(args.dir) / "pyproject.toml"], [], args.overwrite)
     d = write_app_dir(args.dir)
     print(f"wrote {Path(d) / 'pyproject.toml'}; start a run with:")
     print(

@@ -154,7 +154,7 @@ class ScFedVI:
             (:mod:`scfedvi.privacy.run_budget`). ``None``: no record across runs.
         """
         if isinstance(sites, ad.AnnData):
-            sites = _split(sites, split_key)
+            sites = split_sites(sites, split_key)
         elif split_key is not None:
             raise ValueError("split_key is for one AnnData; with a mapping, each entry is a site")
         if not sites:
@@ -439,7 +439,9 @@ class ScFedVI:
         )
 
 
-def _split(adata: ad.AnnData, split_key: str | None) -> dict[str, ad.AnnData]:
+def split_sites(adata: ad.AnnData, split_key: str | None) -> dict[str, ad.AnnData]:
+    """One AnnData as sites: ``{value: its cells}`` for each value of ``obs[split_key]``
+    (sorted), with a clear error for a missing column or missing values."""
     if split_key is None:
         raise ValueError(
             "one AnnData was given: pass split_key=<obs column naming each cell's site>"

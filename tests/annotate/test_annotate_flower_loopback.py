@@ -23,6 +23,7 @@ from flwr.app.metadata import Metadata
 
 from scfedvi.annotate import LABEL_KEY, AnnotateConfig, ScFedANVI
 from scfedvi.config import FederationConfig, ModelConfig, RunConfig, TrainConfig
+from scfedvi.data.errors import SiteDataError
 from scfedvi.flower import client_app
 from scfedvi.flower.annotate import MODEL_DIR, AnnotateStageError, annotate_run
 from scfedvi.flower.settings import annotate_from_flower, run_config_from_flower
@@ -100,7 +101,9 @@ class LoopbackGrid:
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 
-def _sites(tmp: Path, drop_label_at: str | None = None) -> dict[str, ad.AnnData]:
+def _sites(
+    tmp: Path, drop_label_at: str | None = None, unlabelled: bool = False
+) -> dict[str, ad.AnnData]:
     adata = make_counts(240, 30, n_batches=3, n_types=3, seed=2)
     where = np.repeat(np.array(SITES), 80)
     adata.obs["ct"] = adata.obs["cell_type"].astype(str)
@@ -108,6 +111,8 @@ def _sites(tmp: Path, drop_label_at: str | None = None) -> dict[str, ad.AnnData]
     sites = {s: adata[where == s].copy() for s in SITES}
     if drop_label_at:
         del sites[drop_label_at].obs["ct"]
+    for a in sites.values() if unlabelled else ():
+        a.obs["ct"] = "Unknown"
     tmp.mkdir(parents=True, exist_ok=True)
     for s, a in sites.items():
         a.write_h5ad(tmp / f"{s}.h5ad")
@@ -147,6 +152,8 @@ def test_flower_run_equals_in_process(trained, tmp_path):
     stage = _run(d / "data", d / "model", **{"out-dir": str(tmp_path)})
     assert stage["labels"] == ["t0", "t1", "t2", "Unknown"]
     assert sorted(stage["predicted"]) == list(SITES)
+    # the coordinator's warnings (site c: no labelled cell) are in the run's result
+    assert any("site 'c': every cell of obs['ct'] is 'Unknown'" in w for w in stage["warnings"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         anvi = ScFedANVI.from_scfedvi(
@@ -182,3 +189,12 @@ def test_run_config_must_match_the_trained_model(trained, tmp_path):
     d, _ = trained
     with pytest.raises(ValueError, match=r"differs from the trained model's.*'train.local_epochs'"):
         _run(d / "data", d / "model", **{"local-epochs": 3, "out-dir": str(tmp_path)})
+
+
+def test_no_labelled_cell_at_any_site_names_the_column_and_fix(trained, tmp_path):
+    d, _ = trained
+    _sites(tmp_path, unlabelled=True)
+    with pytest.raises(
+        SiteDataError, match=r"no site has a labelled cell.*obs\['ct'\].*label some"
+    ):
+        _run(tmp_path, d / "model")

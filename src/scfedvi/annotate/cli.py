@@ -74,16 +74,16 @@ def add_predict_options(e: argparse.ArgumentParser) -> None:
 
 def annotate(args: argparse.Namespace) -> int:
     from scfedvi.annotate.model import ScFedANVI
-    from scfedvi.commands import _check_outputs, _sites
+    from scfedvi.commands import check_outputs, read_sites
     from scfedvi.config import AnnotateConfig
-    from scfedvi.model import ScFedVI, _split
+    from scfedvi.model import ScFedVI, split_sites
 
     base = ScFedVI.load(args.model)
-    sites, inputs = _sites(args)
+    sites, inputs = read_sites(args)
     if "__one__" in sites:
-        sites = _split(sites["__one__"], args.split_key)
+        sites = split_sites(sites["__one__"], args.split_key)
     out = Path(args.out)
-    _check_outputs(
+    check_outputs(
         [out / "model" / "annotate.json", *(out / f"{n}.h5ad" for n in sites)],
         inputs.values(),
         args.overwrite,
@@ -118,10 +118,10 @@ def annotate(args: argparse.Namespace) -> int:
 def embed_predict(args: argparse.Namespace) -> int:
     from scfedvi.annotate.model import ScFedANVI
     from scfedvi.annotate.query import load_query_data
-    from scfedvi.commands import _check_outputs, _read
+    from scfedvi.commands import check_outputs, read_input
 
     out = Path(args.out)
-    _check_outputs([out], [Path(args.input)], args.overwrite)
+    check_outputs([out], [Path(args.input)], args.overwrite)
     if not (Path(args.model) / "annotate.json").exists():
         raise FileNotFoundError(
             f"--predict: {args.model} is not an `scfedvi annotate` model (no annotate.json); "
@@ -130,7 +130,7 @@ def embed_predict(args: argparse.Namespace) -> int:
     model = ScFedANVI.load(args.model)
     if args.layer is not None:
         model.layer = args.layer or None
-    adata = _read(args.input)
+    adata = read_input(args.input)
     site = args.site or Path(args.input).stem
     if args.query_epochs:
         model = load_query_data(model, adata, site=site, n_epochs=args.query_epochs)

@@ -60,6 +60,8 @@ MODEL_DIR = "annotate-model"
 #: Array names of a site's summary reply.
 LABEL_SUMS = ("label-counts", "label-sums", "label-squares")
 MOMENTS = ("moments-n", "moments-sum", "moments-outer")
+#: A site's counts after its predictions (:func:`~scfedvi.annotate.site_steps.write_predictions`).
+PREDICTED = ("n-predicted", "n-low-confidence", "n-novel")
 
 
 class AnnotateStageError(RuntimeError):
@@ -132,11 +134,16 @@ def run_annotate_stage(
     }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        schema = label_schema(
-            counts, fed.schema, label_key=label_key, unlabeled_category=annotate.unlabeled_category
-        )
-    for w in caught:
-        log.warning("annotate: %s", w.message)
+        try:
+            schema = label_schema(
+                counts,
+                fed.schema,
+                label_key=label_key,
+                unlabeled_category=annotate.unlabeled_category,
+            )
+        finally:  # in the server's log, also when no site has a labelled cell
+            for w in caught:
+                log.warning("annotate: %s", w.message)
     ask.labels = schema.labels
     afed = Federation(schema, {n: s for n, s in sites.items() if s in counts}, fed.n_cells)
     transport = FlowerAnnotate(ask, afed, fed, cfg, annotate, timeout)
@@ -151,7 +158,9 @@ def run_annotate_stage(
         "labels": list(schema.labels or ()),
         "rounds": len({row.get("round") for row in trained.history}),
         "warnings": [str(w.message) for w in caught],
-        "predicted": {afed.sites[n]: dict(c) for n, (c, _) in pred.items()},
+        "predicted": {
+            afed.sites[n]: {k: int(c[k]) for k in PREDICTED} for n, (c, _) in pred.items()
+        },
         "model": str(app.out_path / MODEL_DIR),
     }
 
