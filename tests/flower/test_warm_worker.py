@@ -322,3 +322,20 @@ def test_node_config_switch_and_bad_values(site):
     assert client_app.train(_train_message(schema), _ctx(on, rc)).has_content()
     assert set(Path(node_config["state-dir"]).glob("warm/*.json")) == before
     np.testing.assert_equal(warm.DEFAULT_IDLE_S > 0, True)
+
+
+def test_a_clientapp_process_imports_neither_pandas_nor_torch():
+    """What Flower's fresh process imports before a handler runs: the ClientApp module and the
+    worker's client, without pandas, scipy, anndata or torch (``scfedvi.data``'s package init
+    imports its submodules on first use); ``scfedvi.data``'s names still resolve."""
+    code = (
+        "import sys\n"
+        "import scfedvi.flower.client_app, scfedvi.flower.warm\n"
+        "heavy = sorted(k for k in ('pandas', 'scipy', 'anndata', 'torch') if k in sys.modules)\n"
+        "import scfedvi.data.harmonize, scfedvi.data.simulate\n"
+        "from scfedvi.data import harmonize, simulate, SiteDataError, project\n"
+        "print(heavy, callable(harmonize) and callable(simulate))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[] True"
