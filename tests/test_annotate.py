@@ -221,3 +221,24 @@ def test_classifier_is_averaged_over_the_labelled_sites_only():
     np.testing.assert_allclose(coord.params[clf], moved[clf], rtol=1e-6)
     shared = "decoder.px_decoder.fc_layers.Layer 0.0.bias"
     np.testing.assert_allclose(coord.params[shared], start[shared] + 0.25, rtol=1e-6)
+
+
+def test_flower_run_config_keys_are_annotate_configs():
+    """Every AnnotateConfig field is an ``annotate-*`` run-config key with its default (the
+    app's pyproject section is generated from them: tests/test_docs_defaults.py), and a
+    changed key reaches the Flower run's AnnotateConfig."""
+    from dataclasses import fields
+
+    from scfedvi.flower.settings import annotate_from_flower, default_run_config
+
+    rc = default_run_config()
+    keys = {k for k in rc if k.startswith("annotate-")}
+    assert keys == {
+        "annotate-from",
+        "annotate-label-key",
+        *(f"annotate-{'num-server-rounds' if f.name == 'n_rounds' else f.name.replace('_', '-')}"
+          for f in fields(AnnotateConfig)),
+    }  # fmt: skip
+    assert annotate_from_flower(rc) == AnnotateConfig()
+    rc.update({"annotate-num-server-rounds": 3, "annotate-classifier-stats": "site"})
+    assert annotate_from_flower(rc) == AnnotateConfig(n_rounds=3, classifier_stats="site")

@@ -26,12 +26,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from scfedvi.config import AnnotateConfig, SitePolicy
 
 log = logging.getLogger(__name__)
-LATENT_KEY, LABEL_KEY, CONFIDENCE_KEY, NOVELTY_KEY = (
-    "X_scFedANVI",
-    "scfedvi_label",
-    "scfedvi_label_confidence",
-    "scfedvi_label_novelty",
-)
+#: Where a site's predictions go: its scANVI latent, label, top probability, novelty ratio.
+LATENT_KEY = "X_scFedANVI"
+LABEL_KEY = "scfedvi_label"
+CONFIDENCE_KEY = "scfedvi_label_confidence"
+NOVELTY_KEY = "scfedvi_label_novelty"
 
 
 def answer_labels(
