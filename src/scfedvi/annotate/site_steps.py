@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from scfedvi.data.labels import site_label_counts
 
@@ -94,6 +93,8 @@ def write_predictions(
     unlabelled category) into the site's ``adata``; returns the counts of cells predicted,
     below the confidence threshold and far from their label's centroid (see
     :class:`~scfedvi.config.AnnotateConfig`)."""
+    import pandas as pd
+
     from scfedvi.annotate.site import novelty
 
     unl = annotate.unlabeled_category
