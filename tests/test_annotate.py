@@ -242,3 +242,22 @@ def test_flower_run_config_keys_are_annotate_configs():
     assert annotate_from_flower(rc) == AnnotateConfig()
     rc.update({"annotate-num-server-rounds": 3, "annotate-classifier-stats": "site"})
     assert annotate_from_flower(rc) == AnnotateConfig(n_rounds=3, classifier_stats="site")
+
+
+def test_label_counts_follow_the_site_policy_in_process(fitted):
+    """In process as over Flower (tests/annotate/test_annotate_flower_loopback.py): a site's
+    policy that does not allow the label column refuses its label counts."""
+    from scfedvi.config import SitePolicy
+    from scfedvi.privacy.policy import PolicyRefusal
+
+    base, _ = fitted
+    try:
+        base.policy = SitePolicy()  # the scFedVI run had no label column of its own
+        with pytest.raises(PolicyRefusal, match=r"site 'a' refuses.*obs\['ct'\].*allowed label"):
+            ScFedANVI.from_scfedvi(base, label_key="ct", annotate=ANVI)
+        base.policy = SitePolicy(allowed_label_keys=("ct",))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert ScFedANVI.from_scfedvi(base, label_key="ct").labels == ("t0", "t1", "t2")
+    finally:
+        base.policy = None
