@@ -14,6 +14,11 @@ batch; ``--clients`` sets the number of batches).
 
     python benchmarks/balanced_stats.py cortex --clients 2,3,5 --seeds 0,1,2 --k 8,16
     python benchmarks/balanced_stats.py simulated --clients 3 --k 8 --rounds 1,2 --old
+    python benchmarks/balanced_stats.py cortex --clients 3 --k 8 --rounds 1,2 --secure
+
+``--secure`` adds, for each ``--rounds``, balancing from securely aggregated sums only
+(:mod:`scfedvi.federation.secure_balance`: a moments sum, a codebook sum, then the rounds of
+per-cluster sums, each one masked sum run in process; ``2 + rounds`` message rounds a pass).
 
 Prints batch / cell-type LISI (mean over cells; with ``--scib`` also the scIB metrics of every
 row, computed by the benchmark's own evaluation) and appends JSON lines (with the command,
@@ -46,6 +51,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", default="1", help="sums rounds per pass (comma-separated)")
     p.add_argument("--old", action="store_true", help="also the protocol before (the anchor)")
     p.add_argument("--old-rounds", type=int, default=10, help="its Lloyd rounds per pass")
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="also balancing from securely aggregated sums only "
+        "(scfedvi.federation.secure_balance, in process, masked sums; 3 sites or more)",
+    )
     p.add_argument(
         "--local",
         default=None,
@@ -135,6 +146,7 @@ def main(argv: list[str]) -> int:
             workers = {w.name: w for w in model.site_workers()}
             off = {n: workers[n].embed(model.params, []) for n in sites}
             variants = {"site-local statistics (balancing off)": (off, 0, 0.0)}
+            per_sum: dict[str, list] = {}  # the secure rows' cost of each masked sum
             bseeds = [seed] if args.balance_seeds is None else _ints(args.balance_seeds)
             for k, bs in [(k, bs) for k in _ints(args.k) for bs in bseeds]:
                 tag = "" if args.balance_seeds is None else f", balancing seed {bs}"
@@ -169,6 +181,9 @@ def main(argv: list[str]) -> int:
                         name += f", {per} local centroids per cluster"
                     zs = {n: model.get_latent_representation(site=n, write=False) for n in sites}
                     variants[name] = (zs, args.iterations * (1 + rounds), secs)
+                    if args.secure:
+                        name, zs, secs, per_sum[name] = _secure(model, cfg, fed, rounds, tag)
+                        variants[name] = (zs, args.iterations * (2 + rounds), secs)
             model.config = cfg
             labels = obs["label"].to_numpy()
             pre = None
@@ -211,6 +226,8 @@ def main(argv: list[str]) -> int:
                     "command": "python benchmarks/balanced_stats.py " + " ".join(argv),
                     "versions": {"scfedvi": __version__, "torch": torch.__version__},
                 }
+                if name in per_sum:
+                    rec["secure_sums"] = per_sum[name]
                 scib = ""
                 if args.scib:
                     ev = evaluate(
@@ -239,6 +256,27 @@ def main(argv: list[str]) -> int:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
     return 0
+
+
+def _secure(model, cfg, fed, rounds: int, tag: str):
+    """Balancing from securely aggregated sums only, on the model's sites in process (each
+    query one masked sum with the sites' sessions): its row's name, embeddings, seconds and
+    the cost of each masked sum (phase, length, seconds, bytes per site up and down)."""
+    from dataclasses import replace
+
+    from scfedvi.config import PrivacyConfig
+    from scfedvi.federation.secure_balance import secure_balance_in_process
+
+    private = PrivacyConfig(clip_norm=1.0, clip_at="site", secure_aggregation=True)
+    scfg = replace(cfg, federation=fed, privacy=private)
+    workers = model.site_workers()
+    t1, stats = time.perf_counter(), []
+    steps = secure_balance_in_process(workers, model.params, scfg, stats)
+    secs = time.perf_counter() - t1
+    zs = {w.name: w.embed(model.params, steps) for w in workers}
+    k = fed.balance_clusters
+    name = f"secure sums, K={k}, {fed.balance_iterations} passes, 2 + {rounds} rounds{tag}"
+    return name, zs, secs, stats
 
 
 def _ints(text: str) -> list[int]:

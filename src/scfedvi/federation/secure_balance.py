@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -287,14 +288,32 @@ def plain_total(
     return total
 
 
+def _nbytes(x: object) -> int:
+    """Bytes of a protocol payload (arrays, bytes and strings by size, numbers 8 each)."""
+    if isinstance(x, np.ndarray):
+        return int(x.nbytes)
+    if isinstance(x, bytes | str):
+        return len(x)
+    if isinstance(x, list | tuple):
+        return sum(_nbytes(v) for v in x)
+    if isinstance(x, dict):
+        return sum(len(k) + _nbytes(v) for k, v in x.items())
+    return 8
+
+
 def secure_balance_in_process(
-    workers: Sequence, params: dict[str, np.ndarray], config: RunConfig
+    workers: Sequence,
+    params: dict[str, np.ndarray],
+    config: RunConfig,
+    stats: list[dict] | None = None,
 ) -> list[BalanceStep]:
     """:func:`run_secure_balance` over site workers in one process: each query's replies
     (:func:`site_vector`, under each site's policy and a fresh query budget) are summed by the
     secure-aggregation protocol with the sites' sessions in this process; the coordinator
     sees the unmasked total only. A refusal or too few sites raise (no site is dropped
-    silently: the masked sum needs every site's vector or a recovery)."""
+    silently: the masked sum needs every site's vector or a recovery). ``stats``, if given,
+    gets one record per secure sum: phase, vector length, protocol seconds (every site's
+    work in this process, the embedding excluded) and payload bytes up and down per site."""
     from scfedvi.federation.balance_site import new_ledger
     from scfedvi.federation.secure_round import site_identities
     from scfedvi.privacy.secagg_protocol import (
@@ -341,7 +360,10 @@ def secure_balance_in_process(
             for w in workers
         }
 
+        moved = [0, 0]
+
         def ask(stage: str, payloads: Mapping[str, Payload]) -> dict[str, Payload]:
+            moved[1] += sum(_nbytes(p) for p in payloads.values())
             out: dict[str, Payload] = {}
             for s, p in payloads.items():
                 if stage == SHARES:
@@ -352,11 +374,25 @@ def secure_balance_in_process(
                     out[s] = sess[s].consistency(p)
                 else:
                     out[s] = sess[s].unmask(p)
+            moved[0] += sum(_nbytes(p) for p in out.values())
             return out
 
+        t0 = time.perf_counter()
         keys = {s: x.keys() for s, x in sess.items()}
+        moved[0] += sum(_nbytes(p) for p in keys.values())
         length = len(next(iter(vectors.values())))
         res = secure_sum(ask, keys, length=length, run_id=run_id, round_idx=r)
+        if stats is not None:
+            n = len(workers)
+            stats.append(
+                {
+                    "phase": phase,
+                    "length": length,
+                    "seconds": time.perf_counter() - t0,
+                    "bytes_up_per_site": moved[0] / n,
+                    "bytes_down_per_site": moved[1] / n,
+                }
+            )
         d = next(iter(zs.values())).shape[1]
         m = 1 if phase == MOMENTS else (len(centroids) if centroids is not None else 0)
         return decode(res.total, phase, m, d, n_total)
