@@ -1,5 +1,5 @@
 """The Flower app's scANVI run without Flower processes: the ServerApp's
-:func:`~scfedvi.flower.annotate.annotate_run` over a grid that hands each message to the
+:func:`~scfedvi.flower.annotate_server.annotate_run` over a grid that hands each message to the
 ClientApp in this process (the real handlers, node configs and message records). Fast; the
 deployment test (tests/flower/test_annotate_deployment.py) runs the same over SuperLink and
 SuperNodes.
@@ -25,7 +25,8 @@ from scfedvi.annotate import LABEL_KEY, AnnotateConfig, ScFedANVI
 from scfedvi.config import FederationConfig, ModelConfig, RunConfig, TrainConfig
 from scfedvi.data.errors import SiteDataError
 from scfedvi.flower import client_app
-from scfedvi.flower.annotate import MODEL_DIR, AnnotateStageError, annotate_run
+from scfedvi.flower.annotate import MODEL_DIR
+from scfedvi.flower.annotate_server import AnnotateStageError, annotate_run
 from scfedvi.flower.settings import annotate_from_flower, run_config_from_flower
 from scfedvi.model import ScFedVI
 from synthetic import make_counts

@@ -14,7 +14,7 @@ One orchestration, two transports, as scFedVI's rounds (:mod:`scfedvi.federation
 
 The transport (:class:`AnnotateTransport`) carries a round, the balancing and the summaries:
 in process :class:`scfedvi.annotate.model.InProcessAnnotate`, over Flower
-:class:`scfedvi.flower.annotate.FlowerAnnotate`. Each site then predicts its own cells
+:class:`scfedvi.flower.annotate_server.FlowerAnnotate`. Each site then predicts its own cells
 (:func:`~scfedvi.annotate.site_steps.write_predictions`).
 """
 

@@ -58,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     progress = Progress(cfg.federation.n_rounds, run_id=int(context.run_id))
     try:
         if settings.annotate_from:  # federated scANVI on a trained model: its own run
-            from scfedvi.flower.annotate import annotate_run
+            from scfedvi.flower.annotate_server import annotate_run
 
             result = annotate_run(grid, cfg, settings, annotate_from_flower(context.run_config))
         else:
