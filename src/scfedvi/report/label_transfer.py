@@ -5,7 +5,9 @@
 
 writes ``report.md``, ``report.html`` and ``confusion_<dataset>.png`` next to the results and
 prints the Markdown. :func:`label_transfer_blocks` gives the same content as report blocks
-(:mod:`scfedvi.report.markdown`) for another report.
+(:mod:`scfedvi.report.markdown`) for another report: ``scfedvi benchmark`` adds them to its
+report for its data sets when ``OUT/label_transfer`` (or ``--label-transfer DIR``) holds the
+results.
 """
 
 from __future__ import annotations
