@@ -3,8 +3,10 @@
 Each tool computes the per-cell LISI of two label sets (batch and cell type) from the embedding,
 neighbour search included:
 
-- scfedvi: ``compute_lisi(X, {"batch": ..., "cell_type": ...})`` (one exact kNN graph, one
-  kernel calibration, shared by both label sets);
+- scfedvi: ``compute_neighbors(X, k=90)`` (exact kd-tree, or faiss' inverted lists above
+  200,000 cells) and ``compute_lisi`` over it (one kernel calibration shared by both label
+  sets); its CPU time is reported per part, and ``--check-cells N`` compares its per-cell LISI
+  with exact kNN's on N random cells (``exact_lisi_of``: their exact neighbours among all);
 - harmonypy: ``compute_lisi(X, meta, ["batch", "cell_type"])`` (its own kd-tree per label);
 - scib-metrics: pynndescent neighbours (its Benchmarker's default, here with all cores), then
   ``ilisi_knn`` and ``clisi_knn``.
@@ -15,6 +17,7 @@ seeded Gaussian clusters (cell types) with a per-batch shift, in ``--dims`` dime
 Usage::
 
     python benchmarks/bench_lisi.py --sizes 10000 100000 --out benchmark-out/bench_lisi.json
+    python benchmarks/bench_lisi.py --sizes 100000 1000000 --tools scfedvi --check-cells 3000
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scfedvi.metrics import compute_lisi
+from scfedvi.metrics import compute_lisi, exact_lisi_of
 
 N_TYPES = 10
 N_BATCHES = 4
@@ -51,10 +55,28 @@ def simulate(n: int, n_dims: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
     return X, meta
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time (user + system, every thread)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+#: scfedvi's neighbour search (``--method``).
+METHOD: list[Any] = ["auto"]
+#: CPU seconds of the last scfedvi run: neighbour search, then kernel calibration + LISI.
+LAST_CPU: dict[str, float] = {}
+
+
 def run_scfedvi(X: np.ndarray, meta: pd.DataFrame) -> tuple[float, np.ndarray]:
-    start = time.perf_counter()
-    out = compute_lisi(X, {"batch": meta["batch"], "cell_type": meta["cell_type"]})
+    from scfedvi.metrics import compute_neighbors
+
+    start, cpu0 = time.perf_counter(), cpu_seconds()
+    nn = compute_neighbors(X, k=90, method=METHOD[0])  # "auto": exact or approximate by size
+    cpu1 = cpu_seconds()
+    LAST_CPU["neighbors_wall"] = time.perf_counter() - start
+    out = compute_lisi(None, {"batch": meta["batch"], "cell_type": meta["cell_type"]}, neighbors=nn)
     seconds = time.perf_counter() - start
+    LAST_CPU.update(neighbors=cpu1 - cpu0, lisi=cpu_seconds() - cpu1)
     assert isinstance(out, dict)
     return seconds, np.column_stack([out["batch"], out["cell_type"]])
 
@@ -99,9 +121,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS))
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; the minimum is kept")
+    parser.add_argument("--method", choices=["auto", "exact", "approx"], default="auto")
+    parser.add_argument(
+        "--check-cells",
+        type=int,
+        default=0,
+        help="compare scfedvi's LISI with exact kNN's on this many random cells (their exact "
+        "neighbours among all cells): per-cell |difference| mean, 99th percentile, max",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmark-out/bench_lisi.json"))
     args = parser.parse_args(argv)
 
+    METHOD[0] = args.method
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()}", flush=True)
     Xw, meta_w = simulate(WARMUP_CELLS, args.dims, args.seed + 1)
     for name in args.tools:
@@ -116,7 +147,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs = [TOOLS[name](X, meta) for _ in range(args.repeats)]
             seconds, values[name] = min(r[0] for r in runs), runs[-1][1]
             row["seconds"][name] = seconds
-            print(f"  n={n:>7}  {name:<13} {seconds:9.2f} s", flush=True)
+            extra = ""
+            if name == "scfedvi":
+                row["scfedvi_cpu_s"] = dict(LAST_CPU)
+                extra = (
+                    f" (CPU: neighbours {LAST_CPU['neighbors']:.1f} s, calibration + LISI "
+                    f"{LAST_CPU['lisi']:.1f} s; load {os.getloadavg()[0]:.1f})"
+                )
+            print(f"  n={n:>7}  {name:<13} {seconds:9.2f} s{extra}", flush=True)
+        if args.check_cells and "scfedvi" in values:
+            rows = np.random.default_rng(args.seed + 2).choice(
+                n, min(n, args.check_cells), replace=False
+            )
+            exact = exact_lisi_of(X, {"batch": meta["batch"], "cell_type": meta["cell_type"]}, rows)
+            assert isinstance(exact, dict)
+            row["vs_exact_knn"] = {"cells": len(rows), "seed": args.seed + 2}
+            for j, key in enumerate(("batch", "cell_type")):
+                d = np.abs(values["scfedvi"][rows, j] - exact[key])
+                row["vs_exact_knn"][key] = {
+                    "mean_abs": float(d.mean()),
+                    "p99_abs": float(np.quantile(d, 0.99)),
+                    "max_abs": float(d.max()),
+                    "median_exact": float(np.median(exact[key])),
+                    "median_approx": float(np.median(values["scfedvi"][rows, j])),
+                }
+                print(
+                    f"  n={n:>7}  |LISI - exact kNN's| on {len(rows)} cells, {key}: mean "
+                    f"{d.mean():.4f}, p99 {np.quantile(d, 0.99):.4f}, max {d.max():.4f}",
+                    flush=True,
+                )
         if "harmonypy" in values:
             for name, v in values.items():
                 row["max_abs_diff_vs_harmonypy"][name] = float(
@@ -167,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "scib-metrics",
                     "jax",
                     "pynndescent",
+                    "faiss-cpu",
                 )
             },
         },

@@ -26,8 +26,10 @@ On a machine where the default schedule takes hours, measure part of it and extr
 N of scvi-tools' epochs, and ``--local-steps N`` (with ``--rounds``) makes scFedVI's rounds a
 throughput probe of N minibatch steps per site, from whose cells per second the default
 schedule's training time is extrapolated. The data are held once: the simulated int32 counts
-are turned into float32 in their own buffer, each site's AnnData views its rows of it, and
-scvi-tools trains on the same buffers (scFedVI's projection makes its own float32 copy).
+are turned into float32 in their own buffer, each site's AnnData views its rows of it,
+scFedVI's projection keeps those buffers (a float32 CSR already in the schema's gene order is
+not copied), and scvi-tools trains on the same buffers. The simulation's peak is reported,
+then the peak is reset (Linux), so each later figure is the run's own peak.
 
 Usage::
 
@@ -93,7 +95,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peak_rss_mb() -> float:
+    """The process's peak resident memory since it started (or since :func:`reset_peak`)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> bool:
+    """Start the peak resident memory afresh (Linux: ``/proc/self/clear_refs``), so a phase's
+    peak is its own, not the simulation's; False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def progress(what: str, t0: float) -> None:
+    """One line per phase, with its time and the memory so far (a run cut short by its time
+    limit still leaves its phases' figures)."""
+    print(
+        f"  {what}: {time.perf_counter() - t0:.0f} s, peak RSS {peak_rss_mb():,.0f} MB",
+        flush=True,
+    )
 
 
 def simulate_sites(args: argparse.Namespace) -> Any:
@@ -171,9 +199,11 @@ def run_scfedvi(adata: Any, args: argparse.Namespace, n_jobs: int) -> dict[str, 
     )
     setup_s = time.perf_counter() - t0
     rss_setup = peak_rss_mb()
+    progress("scFedVI set-up (harmonization, projection)", t0)
     t0 = time.perf_counter()
     model.train(args.rounds, progress=False)
     train_s = time.perf_counter() - t0
+    progress(f"scFedVI training; workers {model.worker_memory}", t0)
     rounds_run = int(model.history["round"].max()) + 1
     per_round = model.history.groupby("round")["seconds"].sum()  # sites' compute per round
     passes_run = float(model.history["steps"].sum()) * cfg.train.batch_size  # (full batches)
@@ -181,12 +211,14 @@ def run_scfedvi(adata: Any, args: argparse.Namespace, n_jobs: int) -> dict[str, 
     t0 = time.perf_counter()
     model.balance_steps()
     balance_s = time.perf_counter() - t0
+    progress("scFedVI balancing", t0)
     t0 = time.perf_counter()
     Z = np.full((adata.n_obs, model.config.model.n_latent), np.nan, dtype=np.float32)
     for name in model.sites:
         z = model.get_latent_representation(site=name, write=False)
         Z[adata.obs_names.get_indexer(model.sites[name].obs_names)] = z
     embed_s = time.perf_counter() - t0
+    progress("scFedVI embedding every site", t0)
     h = model.history
     s = model.schedule
     est = model.memory_estimate
@@ -366,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"simulated {adata.n_obs} x {adata.n_vars} ({adata.X.nnz:,} nonzero) in {report['data']['simulate_s']:.0f} s",
         flush=True,
     )
+    progress("simulation", t0)
+    # the run's own peak from here on (the simulation's is reported above)
+    report["data"]["peak_reset_after_simulation"] = reset_peak()
     jobs = resolve_n_jobs(args.n_jobs, args.sites)
     # at one thread first (the comparison that fits a shared machine); scFedVI's results do
     # not depend on its workers (tests/federation/test_parallel.py), so the quality is measured

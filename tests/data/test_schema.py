@@ -163,3 +163,37 @@ def test_project_uses_schema_layer_and_checks_values():
 def test_sitedata_checks_lengths():
     with pytest.raises(ValueError, match="batch_index has 2 rows"):
         SiteData("s", sparse.csr_matrix((3, 2), dtype=np.float32), np.zeros(2), None, np.arange(3))
+
+
+def test_project_keeps_a_float32_csr_in_schema_order_without_copying():
+    """A site already in the schema's form (float32 CSR, schema genes in order, sorted, no
+    stored zeros) is projected onto the same buffers; anything else is copied, to the same
+    result (the copy path is the reference)."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.7, (40, 4)).astype(np.float32)
+    dense[:, 0] += 1.0  # no cell empty over the schema genes
+    genes = ["g3", "g1", "g0", "g7"]
+    obs = {"batch": ["b0", "b1"] * 20}
+    x = sparse.csr_matrix(dense)
+    a = ad.AnnData(X=x, obs=obs)
+    a.var_names = genes
+    sd = project(a, _schema(), site="s", batch_size=8)
+    assert np.shares_memory(sd.X.data, x.data) and np.shares_memory(sd.X.indices, x.indices)
+    np.testing.assert_array_equal(sd.X.toarray(), dense)
+    # each departure from the schema's form takes the copying path, with the same values
+    stored_zero = x.copy()
+    stored_zero.data[0] = 0.0
+    unsorted = x.copy()  # the first row's columns reversed
+    r0, r1 = unsorted.indptr[0], unsorted.indptr[1]
+    unsorted.indices[r0:r1] = unsorted.indices[r0:r1][::-1].copy()
+    unsorted.data[r0:r1] = unsorted.data[r0:r1][::-1].copy()
+    unsorted.has_sorted_indices = False
+    for other in (x.astype(np.int32), x.astype(np.float64), stored_zero, unsorted):
+        b = ad.AnnData(X=other, obs=obs)
+        b.var_names = genes
+        sd2 = project(b, _schema(), site="s", batch_size=8)
+        assert not np.shares_memory(sd2.X.data, other.data)
+        np.testing.assert_array_equal(sd2.X.toarray(), other.toarray().astype(np.float32))
+        assert sd2.X.has_sorted_indices and np.all(sd2.X.data)

@@ -83,6 +83,7 @@ def test_neighbors_validates_and_subsets() -> None:
 
 
 def test_approx_falls_back_to_exact_without_pynndescent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nb, "_faiss_available", lambda: False)
     monkeypatch.setattr(nb, "_pynndescent_available", lambda: False)
     X, _ = gaussian_clusters(100, seed=5)
     got = compute_neighbors(X, k=8, method="approx")
@@ -97,6 +98,7 @@ def test_auto_uses_approx_only_for_large_high_dimensional_data(
     monkeypatch.setattr(nb, "_approx", lambda X, k, seed, n_jobs: calls.append("approx"))
     monkeypatch.setattr(nb, "_exact", lambda X, k, n_jobs: calls.append("exact"))
     monkeypatch.setattr(nb, "APPROX_MIN_CELLS", 10)
+    monkeypatch.setattr(nb, "_faiss_available", lambda: False)
     monkeypatch.setattr(nb, "_pynndescent_available", lambda: True)
     compute_neighbors(np.random.default_rng(0).normal(size=(20, nb.APPROX_MIN_DIMS + 1)))
     compute_neighbors(np.random.default_rng(0).normal(size=(20, nb.APPROX_MIN_DIMS)))
@@ -105,10 +107,11 @@ def test_auto_uses_approx_only_for_large_high_dimensional_data(
 
 
 @pytest.mark.slow
-def test_approx_has_high_recall() -> None:
-    pytest.importorskip("pynndescent")
+@pytest.mark.parametrize("backend", ["faiss", "pynndescent"])
+def test_approx_has_high_recall(backend: nb.ApproxBackend) -> None:
+    pytest.importorskip(backend)
     X, _ = gaussian_clusters(2000, n_dims=10, seed=6)
-    got = compute_neighbors(X, k=30, method="approx", seed=0)
+    got = compute_neighbors(X, k=30, method="approx", seed=0, backend=backend)
     want = compute_neighbors(X, k=30, method="exact")
     assert not (got.indices == np.arange(2000)[:, None]).any()
     recall = np.mean(

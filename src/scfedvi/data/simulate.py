@@ -21,8 +21,9 @@ every batch has the same, equal mix).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -67,22 +68,53 @@ def _chunk_counts(
     return counts
 
 
-def _stack_rows(chunks: list[sparse.csr_matrix], n_genes: int) -> sparse.csr_matrix:
-    """Stack CSR chunks row-wise, freeing each chunk once copied (peak: output + one chunk)."""
-    nnz = sum(m.nnz for m in chunks)
-    idx_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
-    data = np.empty(nnz, dtype=np.int32)
-    indices = np.empty(nnz, dtype=idx_dtype)
-    indptr = np.zeros(sum(m.shape[0] for m in chunks) + 1, dtype=idx_dtype)
+def _stack_rows(
+    chunks: Iterable[sparse.csr_matrix], n_rows: int, n_genes: int
+) -> sparse.csr_matrix:
+    """Stack CSR chunks row-wise as they come, each freed once copied.
+
+    The values and column indices go into buffers sized for a dense matrix, of which only
+    the pages written are ever backed by memory (the operating system maps pages on first
+    write), so the peak is the output plus the chunks in flight: not twice the output, as
+    when every chunk is held until the total is known.
+    """
+    idx_dtype = np.int32 if n_rows * n_genes < np.iinfo(np.int32).max else np.int64
+    data = np.empty(n_rows * n_genes, dtype=np.int32)
+    indices = np.empty(n_rows * n_genes, dtype=idx_dtype)
+    indptr = np.zeros(n_rows + 1, dtype=idx_dtype)
     pos = row = 0
-    chunks.reverse()
-    while chunks:
-        m = chunks.pop()
+    for m in chunks:
         data[pos : pos + m.nnz] = m.data
         indices[pos : pos + m.nnz] = m.indices
         indptr[row + 1 : row + 1 + m.shape[0]] = m.indptr[1:] + pos
         pos, row = pos + m.nnz, row + m.shape[0]
-    return sparse.csr_matrix((data, indices, indptr), shape=(row, n_genes), copy=False)
+        del m
+    if idx_dtype == np.int64 and pos < np.iinfo(np.int32).max:  # as before: int32 when it fits
+        indices, indptr = indices[:pos].astype(np.int32), indptr.astype(np.int32)
+    return sparse.csr_matrix((data[:pos], indices[:pos], indptr), shape=(row, n_genes), copy=False)
+
+
+def _row_sums(X: sparse.csr_matrix, block: int = 8192) -> np.ndarray:
+    """Each row's total as int64, a block of rows at a time (``X.sum(axis=1, dtype=int64)``
+    makes an int64 copy of every value: twice the int32 matrix)."""
+    out = np.empty(X.shape[0], dtype=np.int64)
+    for r0 in range(0, X.shape[0], block):
+        r1 = min(r0 + block, X.shape[0])
+        out[r0:r1] = np.asarray(X[r0:r1].sum(axis=1, dtype=np.int64)).ravel()
+    return out
+
+
+def _in_order(
+    pool: ThreadPoolExecutor, fn: Callable[[int], Any], n: int, ahead: int
+) -> Iterator[Any]:
+    """``fn(0), fn(1), ...`` computed by ``pool`` at most ``ahead`` at a time, in order."""
+    pending: deque[Future[Any]] = deque()
+    for i in range(n):
+        pending.append(pool.submit(fn, i))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def simulate(
@@ -136,8 +168,8 @@ def simulate(
     seed
         Seed; the output is a function of ``seed`` and ``chunk_size``.
     chunk_size
-        Cells generated at a time. Peak memory is about twice the sparse output (the chunks,
-        then the stacked matrix, which frees them as it fills) plus
+        Cells generated at a time. Peak memory is the sparse output plus the chunks in
+        flight (two per job, each copied into the output as it comes, then freed) plus
         ``8 * 8 * chunk_size * n_genes`` bytes per job.
     n_jobs
         Chunks generated in parallel threads (numpy releases the GIL); ``None``: up to 4,
@@ -181,8 +213,7 @@ def simulate(
     n_chunks = -(-n_cells // chunk_size)
     jobs = n_jobs if n_jobs is not None else min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        chunks = list(pool.map(one_chunk, range(n_chunks)))
-    X = _stack_rows(chunks, n_genes)
+        X = _stack_rows(_in_order(pool, one_chunk, n_chunks, 2 * max(1, jobs)), n_cells, n_genes)
     width = len(str(max(n_genes, n_cells) - 1))
     obs = pd.DataFrame(
         {
@@ -190,7 +221,7 @@ def simulate(
             "cell_type": pd.Categorical.from_codes(
                 ctype, [f"type-{t}" for t in range(n_cell_types)]
             ),
-            "library_size": np.asarray(X.sum(axis=1, dtype=np.int64)).ravel(),
+            "library_size": _row_sums(X),
         },
         index=[f"cell-{c:0{width}d}" for c in range(n_cells)],
     )

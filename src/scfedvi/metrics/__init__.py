@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from scfedvi.metrics.lisi import (
     clisi_score,
     compute_lisi,
+    exact_lisi_of,
     factorize_labels,
     ilisi_score,
     lisi_per_cell,
@@ -27,6 +28,7 @@ __all__ = [
     "clisi_score",
     "compute_lisi",
     "compute_neighbors",
+    "exact_lisi_of",
     "factorize_labels",
     "ilisi_score",
     "lisi_per_cell",

@@ -166,10 +166,12 @@ def _calibrate(D: np.ndarray, perplexity: float) -> tuple[np.ndarray, np.ndarray
     return P, H
 
 
-def _lisi_from_weights(P: np.ndarray, H: np.ndarray, used: Neighbors, labels: Any) -> np.ndarray:
+def _lisi_from_weights(
+    P: np.ndarray, H: np.ndarray, used: Neighbors, labels: Any, *, n_all: int | None = None
+) -> np.ndarray:
     codes, n_categories = factorize_labels(labels)
     n = used.n_cells
-    if codes.shape[0] != n:
+    if codes.shape[0] != (n if n_all is None else n_all):
         raise ValueError(f"labels has {codes.shape[0]} entries, the neighbour graph {n} cells")
     cells = np.repeat(np.arange(n) * n_categories, used.n_neighbors)
     bins = cells + codes[used.indices].reshape(-1)
@@ -246,6 +248,50 @@ def compute_lisi(
             for key in (labels.columns if hasattr(labels, "columns") else labels)
         }
     return _lisi_from_weights(P, H, used, labels)
+
+
+def exact_lisi_of(
+    X: np.ndarray, labels: Any, rows: np.ndarray, perplexity: float = 30
+) -> np.ndarray | dict[str, np.ndarray]:
+    """LISI of the cells ``rows`` only, over their exact neighbours among all cells.
+
+    A cell's LISI depends only on its own neighbours, so this is what exact search over every
+    cell would give those cells, at the cost of a kd-tree and ``len(rows)`` queries: the
+    reference that bounds approximate search's error on a sample of a large data set.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_dims)`` embedding.
+    labels
+        One label per cell (all cells), or a mapping of names to label arrays.
+    rows
+        Indices of the cells to evaluate.
+    perplexity
+        As :func:`compute_lisi`.
+
+    Returns
+    -------
+    numpy.ndarray or dict
+        LISI of each of ``rows`` (in that order), or a dict of them keyed like ``labels``.
+    """
+    from scipy.spatial import cKDTree
+
+    from scfedvi.metrics.neighbors import _drop_self
+
+    X = np.asarray(X, dtype=np.float64)
+    rows = np.asarray(rows, dtype=np.int64)
+    n = X.shape[0]
+    k = min(_n_neighbors_for(perplexity), n - 1)
+    distances, indices = cKDTree(X).query(X[rows], k=k + 1, workers=-1)
+    kept = _drop_self(np.asarray(indices), np.asarray(distances), own=rows)
+    P, H, used = neighbor_weights(kept, perplexity)
+    if isinstance(labels, Mapping) or hasattr(labels, "columns"):
+        return {
+            str(key): _lisi_from_weights(P, H, used, labels[key], n_all=n)
+            for key in (labels.columns if hasattr(labels, "columns") else labels)
+        }
+    return _lisi_from_weights(P, H, used, labels, n_all=n)
 
 
 def summarize_lisi(values: np.ndarray) -> dict[str, float]:
