@@ -58,6 +58,12 @@ def main(argv: list[str]) -> int:
         "(scfedvi.federation.secure_balance, in process, masked sums; 3 sites or more)",
     )
     p.add_argument(
+        "--codebook",
+        default=None,
+        help="--secure: codebook points per cluster (comma-separated; default: "
+        "scfedvi.federation.secure_balance.CODEBOOK_PER_CLUSTER)",
+    )
+    p.add_argument(
         "--local",
         default=None,
         help="local centroids a site sends per global cluster (comma-separated; default: "
@@ -181,8 +187,10 @@ def main(argv: list[str]) -> int:
                         name += f", {per} local centroids per cluster"
                     zs = {n: model.get_latent_representation(site=n, write=False) for n in sites}
                     variants[name] = (zs, args.iterations * (1 + rounds), secs)
-                    if args.secure:
-                        name, zs, secs, per_sum[name] = _secure(model, cfg, fed, rounds, tag)
+                    for book in _ints(args.codebook) if args.secure and args.codebook else [0]:
+                        if not args.secure or per != _ints(args.local)[0]:
+                            break  # once per rounds
+                        name, zs, secs, per_sum[name] = _secure(model, cfg, fed, rounds, tag, book)
                         variants[name] = (zs, args.iterations * (2 + rounds), secs)
             model.config = cfg
             labels = obs["label"].to_numpy()
@@ -258,14 +266,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _secure(model, cfg, fed, rounds: int, tag: str):
+def _secure(model, cfg, fed, rounds: int, tag: str, book: int = 0):
     """Balancing from securely aggregated sums only, on the model's sites in process (each
     query one masked sum with the sites' sessions): its row's name, embeddings, seconds and
     the cost of each masked sum (phase, length, seconds, bytes per site up and down)."""
     from dataclasses import replace
 
+    import scfedvi.federation.secure_balance as sb
     from scfedvi.config import PrivacyConfig
     from scfedvi.federation.secure_balance import secure_balance_in_process
+
+    default = sb.CODEBOOK_PER_CLUSTER
+    sb.CODEBOOK_PER_CLUSTER = book or default
 
     private = PrivacyConfig(clip_norm=1.0, clip_at="site", secure_aggregation=True)
     scfg = replace(cfg, federation=fed, privacy=private)
@@ -273,9 +285,12 @@ def _secure(model, cfg, fed, rounds: int, tag: str):
     t1, stats = time.perf_counter(), []
     steps = secure_balance_in_process(workers, model.params, scfg, stats)
     secs = time.perf_counter() - t1
+    sb.CODEBOOK_PER_CLUSTER = default
     zs = {w.name: w.embed(model.params, steps) for w in workers}
     k = fed.balance_clusters
     name = f"secure sums, K={k}, {fed.balance_iterations} passes, 2 + {rounds} rounds{tag}"
+    if book:
+        name += f", codebook {book} per cluster"
     return name, zs, secs, stats
 
 
