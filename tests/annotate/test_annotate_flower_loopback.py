@@ -109,6 +109,7 @@ def _sites(
     where = np.repeat(np.array(SITES), 80)
     adata.obs["ct"] = adata.obs["cell_type"].astype(str)
     adata.obs.loc[where == "c", "ct"] = "Unknown"  # site c has no labels
+    adata.obs.loc[(where == "b") & (adata.obs["ct"] == "t0"), "ct"] = "T0 "  # b's name for t0
     sites = {s: adata[where == s].copy() for s in SITES}
     if drop_label_at:
         del sites[drop_label_at].obs["ct"]
@@ -151,10 +152,15 @@ def _run(tmp: Path, model: Path, node_extra: dict | None = None, **run) -> dict:
 def test_flower_run_equals_in_process(trained, tmp_path):
     d, base = trained
     stage = _run(d / "data", d / "model", **{"out-dir": str(tmp_path)})
-    assert stage["labels"] == ["t0", "t1", "t2", "Unknown"]
+    assert stage["labels"] == ["T0 ", "t0", "t1", "t2", "Unknown"]
     assert sorted(stage["predicted"]) == list(SITES)
-    # the coordinator's warnings (site c: no labelled cell) are in the run's result
+    # the coordinator's warnings are in the run's result: site c has no labelled cell, and
+    # two names differ only by case or whitespace (both shown, with their sites; kept apart)
     assert any("site 'c': every cell of obs['ct'] is 'Unknown'" in w for w in stage["warnings"])
+    assert any(
+        "differ only by case or whitespace: 'T0 ' at ['b']; 't0' at ['a']" in w
+        for w in stage["warnings"]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         anvi = ScFedANVI.from_scfedvi(
