@@ -103,6 +103,7 @@ def serve_one(conn: socket.socket, token: bytes, run_id: int) -> bool:
     finally:
         logging.getLogger().removeHandler(capture)
     head: dict[str, Any] = {"logs": capture.lines, "seconds": time.perf_counter() - t0}
+    log.info("answered %s in %.2f s", msg.metadata.message_type, head["seconds"])
     if isinstance(reply, Error):
         warm.send_json(
             conn, {**head, "status": "error", "code": reply.code, "reason": reply.reason}

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 WARM_KEY = "warm-worker"
 #: Node config key: seconds a warm worker waits for the next message before it exits.
 IDLE_KEY = "warm-worker-idle"
-DEFAULT_WARM = False
+DEFAULT_WARM = True
 DEFAULT_IDLE_S = 300.0
 MAGIC = "scfedvi-warm-1"
 #: Unix socket paths longer than this are reached through ``/proc/self/fd`` (Linux's limit is
