@@ -67,9 +67,9 @@ log = logging.getLogger(__name__)
 MOMENTS, CODEBOOK = "moments", "codebook"
 #: A site clips its latent values to ``[-LATENT_BOUND, LATENT_BOUND]`` (the quantization range).
 LATENT_BOUND = 10.0
-#: The codebook of step 2 holds this many points per cluster (as many as the local summaries of
-#: today's protocol; 4 against 8 and 16 on the trap, 5 balancing seeds: docs/privacy.md).
-CODEBOOK_PER_CLUSTER = 4
+#: The codebook of step 2 holds this many points per cluster (8 against 4 on cortex, pancreas
+#: and the trap: docs/privacy.md, "Balancing under secure aggregation").
+CODEBOOK_PER_CLUSTER = 8
 #: Ledger kinds (per site and run) of the secure variant's queries.
 Q_ALL, Q_MOMENTS, Q_CODEBOOK, Q_SUMS = (
     "balance-secure",
