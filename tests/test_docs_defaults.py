@@ -55,6 +55,7 @@ NOT_RUN_CONFIG = {
     ("benchmark", "--seeds"): "the benchmark's grid (benchmark/cli.py)",
     ("benchmark", "--jobs"): "the benchmark's worker processes",
     ("benchmark", "--n-top-genes"): "the benchmark's gene selection",
+    ("benchmark", "--label-transfer"): "where the report reads label_transfer.py's results",
 }
 #: ``scfedvi annotate`` (federated scANVI): its defaults are AnnotateConfig's.
 ANNOTATE_OPTIONS = {
