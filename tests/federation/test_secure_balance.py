@@ -113,9 +113,9 @@ def test_secure_steps_equal_plain_sums_within_quantization():
 
 def _labels(pooled, zs):
     """The planted cluster of each pooled cell (k-means on well-separated clusters)."""
-    from scfedvi.federation.balance import _kmeans, assign
+    from scfedvi.federation.balance import weighted_kmeans, assign
 
-    c = _kmeans(pooled, np.ones(len(pooled)), 4, 0, 50, 5)
+    c = weighted_kmeans(pooled, np.ones(len(pooled)), 4, 0, 50, 5)
     return assign(pooled, c)
 
 

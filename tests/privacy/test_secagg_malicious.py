@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from secagg_requests import roster as _roster
 
 from scfedvi.privacy.identity import SiteIdentity, make_identities
 from scfedvi.privacy.policy import PolicyRefusal
@@ -40,17 +41,6 @@ def _update(seed: int = 0) -> np.ndarray:
 
 def _decode(q: np.ndarray) -> np.ndarray:
     return q.view(np.int32).astype(np.float64) / scale_for(C, 1)
-
-
-def _roster(keys: dict, threshold: int) -> dict:
-    sites = sorted(keys)
-    return {
-        "sites": sites,
-        "mask_pks": [keys[s]["mask_pk"] for s in sites],
-        "enc_pks": [keys[s]["enc_pk"] for s in sites],
-        "sigs": [keys[s]["sig"] for s in sites],
-        "threshold": threshold,
-    }
 
 
 # -- (a) key substitution and (c) Sybil sites: the coordinator plays every peer of one site -----

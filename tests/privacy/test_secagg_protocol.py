@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats
+from secagg_requests import roster as _roster
 
 from scfedvi.config import FederationConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig
 from scfedvi.privacy.identity import make_identities
@@ -40,18 +41,6 @@ def _updates(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 def _sessions(names, run_id=RUN, r=3) -> dict[str, SiteSession]:
     ids = make_identities(names)
     return {s: SiteSession(s, run_id, r, ids[s]) for s in names}
-
-
-def _roster(keys: dict, threshold: int) -> dict:
-    """The stage-2 request an honest coordinator sends for these stage-1 ``keys``."""
-    sites = sorted(keys)
-    return {
-        "sites": sites,
-        "mask_pks": [keys[s]["mask_pk"] for s in sites],
-        "enc_pks": [keys[s]["enc_pk"] for s in sites],
-        "sigs": [keys[s]["sig"] for s in sites],
-        "threshold": threshold,
-    }
 
 
 def _run(n: int, drop: dict[str, str] | None = None, seed: int = 0, threshold=None, tamper=None):

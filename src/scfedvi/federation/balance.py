@@ -108,7 +108,7 @@ def _cluster_sums(a: np.ndarray, xw: np.ndarray, k: int) -> np.ndarray:
     return np.stack(cols, axis=1) if cols else np.zeros((k, 0))
 
 
-def _kmeans(
+def weighted_kmeans(
     x: np.ndarray, w: np.ndarray, k: int, seed: int, iters: int, n_init: int = 1
 ) -> np.ndarray:
     """Weighted k-means on the rows of ``x``: the centroids of the best (lowest weighted
@@ -155,7 +155,7 @@ def local_summary(
     z = np.asarray(z, dtype=np.float64)
     if len(z) < max(min_cells, 1):
         return np.zeros((0, z.shape[1])), np.zeros(0, dtype=np.int64)
-    c = _kmeans(z, np.ones(len(z)), n_local, seed, LOCAL_KMEANS_ITERATIONS, N_INIT)
+    c = weighted_kmeans(z, np.ones(len(z)), n_local, seed, LOCAL_KMEANS_ITERATIONS, N_INIT)
     while True:  # drop the smallest cluster until every one holds min_cells cells
         a = assign(z, c)
         n = np.bincount(a, minlength=len(c))
@@ -174,7 +174,7 @@ def local_centroids(
     k-means centroids and counts, clusters of at least ``min_cells`` cells only (``(0, d)``
     if none). Kept for ``benchmarks/balanced_stats.py --old``."""
     z = np.asarray(z, dtype=np.float64)
-    c = _kmeans(z, np.ones(len(z)), k, seed, LOCAL_KMEANS_ITERATIONS, N_INIT)
+    c = weighted_kmeans(z, np.ones(len(z)), k, seed, LOCAL_KMEANS_ITERATIONS, N_INIT)
     n = np.bincount(assign(z, c), minlength=len(c))
     keep = n >= min_cells
     return c[keep], n[keep].astype(np.int64)
@@ -277,7 +277,7 @@ def start_centroids(
     counts = np.concatenate([np.asarray(n, dtype=np.float64) for _, n in replies])
     if len(points) == 0:
         return None
-    return _kmeans(points, counts, k, seed, LOCAL_KMEANS_ITERATIONS, N_INIT)
+    return weighted_kmeans(points, counts, k, seed, LOCAL_KMEANS_ITERATIONS, N_INIT)
 
 
 def _total(arrays: Sequence[np.ndarray]) -> np.ndarray:

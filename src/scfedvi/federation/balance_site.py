@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scfedvi.config import RunConfig, SitePolicy
+from scfedvi.config import FederationConfig, RunConfig, SitePolicy
 from scfedvi.federation.balance import (
     CENTROIDS,
     LOCAL_PER_CLUSTER,
@@ -45,6 +45,26 @@ def new_ledger() -> QueryLedger:
 
 def _refuse(site: str, what: str, fix: str) -> PolicyRefusal:
     return PolicyRefusal(f"site {site!r} refuses a balancing query: {what}; {fix}")
+
+
+def answered_passes(fc: FederationConfig, policy: SitePolicy) -> tuple[int, int]:
+    """The balancing passes and sums rounds a site answers in a run: the run's declared
+    ``balance_iterations`` / ``balance_rounds`` within its policy's maxima."""
+    return (
+        min(policy.max_balance_passes, fc.balance_iterations),
+        min(policy.max_balance_rounds, fc.balance_rounds),
+    )
+
+
+def pass_refusal(
+    n_steps: int, passes: int, fc: FederationConfig, policy: SitePolicy
+) -> tuple[str, str]:
+    """The reason and the fix for refusing pass ``n_steps + 1`` of ``passes``."""
+    return (
+        f"pass {n_steps + 1} asked; it answers {passes} (balance_iterations="
+        f"{fc.balance_iterations}, SitePolicy.max_balance_passes={policy.max_balance_passes})",
+        "run at most that many passes (or the site raises SitePolicy.max_balance_passes)",
+    )
 
 
 def _check_centroids(site: str, centroids: np.ndarray | None, k: int, n_latent: int) -> np.ndarray:
@@ -128,15 +148,9 @@ def answer(
             f"{policy.max_balance_clusters}",
             "run with fewer balance_clusters (or the site raises SitePolicy.max_balance_clusters)",
         )
-    passes = min(policy.max_balance_passes, fc.balance_iterations)
-    rounds = min(policy.max_balance_rounds, fc.balance_rounds)
+    passes, rounds = answered_passes(fc, policy)
     if not 0 <= n_steps < passes:
-        raise _refuse(
-            site,
-            f"pass {n_steps + 1} asked; it answers {passes} (balance_iterations="
-            f"{fc.balance_iterations}, SitePolicy.max_balance_passes={policy.max_balance_passes})",
-            "run at most that many passes (or the site raises SitePolicy.max_balance_passes)",
-        )
+        raise _refuse(site, *pass_refusal(n_steps, passes, fc, policy))
     pass_key = f"pass-{n_steps}"
     if phase == SUMS:
         c = _check_centroids(site, centroids, n_clusters, z.shape[1])

@@ -13,7 +13,7 @@ Each pass is ``2 + rounds`` secure sums:
    ``mu + sd * g`` with ``g`` standard normal from ``numpy.random.default_rng(seed + pass)``
    (k-means++ needs points, which no one may see here: the codebook is the stand-in); each
    site sends per-point sums and counts of its cells (each cell to its nearest point); the
-   coordinator runs the same weighted k-means as today's step 1 (:func:`balance._kmeans`,
+   coordinator runs the same weighted k-means as today's step 1 (:func:`~scfedvi.federation.balance.weighted_kmeans`,
    ``N_INIT`` k-means++ starts) on the codebook cells' global means, weighted by their
    counts, for the ``k`` start centroids (a codebook cell whose sums no site could send, every
    site holding fewer than ``min_cluster_cells`` of its cells, stands at its codebook point);
@@ -54,9 +54,10 @@ from scfedvi.federation.balance import (
     N_INIT,
     SUMS,
     BalanceStep,
-    _kmeans,
     assign,
+    weighted_kmeans,
 )
+from scfedvi.federation.balance_site import answered_passes, pass_refusal
 from scfedvi.privacy.policy import PolicyRefusal, QueryLedger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -190,15 +191,9 @@ def site_vector(
         raise _refuse(
             site, f"n_total={n_total} with {len(z)} cells here", "send the federation's cells"
         )
-    passes = min(policy.max_balance_passes, fc.balance_iterations)
-    rounds = min(policy.max_balance_rounds, fc.balance_rounds)
+    passes, rounds = answered_passes(fc, policy)
     if not 0 <= n_steps < passes:
-        raise _refuse(
-            site,
-            f"pass {n_steps + 1} asked; it answers {passes} (balance_iterations="
-            f"{fc.balance_iterations}, SitePolicy.max_balance_passes={policy.max_balance_passes})",
-            "run at most that many passes (or the site raises SitePolicy.max_balance_passes)",
-        )
+        raise _refuse(site, *pass_refusal(n_steps, passes, fc, policy))
     key = f"pass-{n_steps}"
     m = 1 if phase == MOMENTS else n_clusters * (CODEBOOK_PER_CLUSTER if phase == CODEBOOK else 1)
     if phase != MOMENTS:
@@ -263,7 +258,7 @@ def run_secure_balance(
         d = len(mean)
         points = _means(sums.reshape(-1, d), sent_c, book)
         live = counts > 0
-        centroids = _kmeans(
+        centroids = weighted_kmeans(
             points[live], counts[live], n_clusters, seed + it, LOCAL_KMEANS_ITERATIONS, N_INIT
         )
         if len(centroids) < n_clusters:  # fewer occupied codebook cells than clusters
